@@ -1,0 +1,26 @@
+//! attune-models: everything that touches tensors — the LLaMA module (serving with
+//! per-sequence KV caches), weight loading from GGUF and Hugging Face directories,
+//! the tokenizer and chat template, and sampling.
+
+pub mod chat_template;
+pub mod checkpoint;
+pub mod error;
+pub mod generation;
+pub mod kv_cache;
+pub mod layers;
+pub mod llama;
+pub mod loaded;
+pub mod sampling;
+pub mod tokenizer;
+
+pub use chat_template::{ChatMessage, ChatTemplate};
+pub use checkpoint::{Checkpoint, WeightFormat};
+pub use error::{LoadError, ModelError};
+pub use generation::{
+    generate, generate_batch, FinishReason, Generated, SequenceState, StepOutput, StopConditions,
+};
+pub use kv_cache::KvCache;
+pub use llama::{Llama, LlamaConfig, LogitsFor};
+pub use loaded::{LoadOptions, LoadedModel};
+pub use sampling::{Sampler, SamplingParams, TokenLogprob};
+pub use tokenizer::TextTokenizer;

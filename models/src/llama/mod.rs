@@ -1,0 +1,386 @@
+//! The one LLaMA 1/2/3 module: GQA, tied or untied embeddings, rope theta and
+//! LLaMA-3 rope scaling, RMSNorm eps from the checkpoint. `forward` runs a batch
+//! of sequences of different lengths in one step: linear layers over all rows at
+//! once, attention per sequence against that sequence's own `KvCache`.
+
+pub mod config;
+
+use candle_core::{DType, Device, Tensor, D};
+
+pub use config::LlamaConfig;
+
+use crate::checkpoint::{Checkpoint, WeightFormat};
+use crate::error::{LoadError, ModelError};
+use crate::kv_cache::KvCache;
+use crate::layers::{FrozenLinear, Mlp, RmsNorm, Rotary};
+
+/// Which positions `forward` returns logits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsFor {
+    /// The last input position of each sequence: `(sequences, vocab)`.
+    Last,
+    /// Every input position, sequences concatenated: `(total_tokens, vocab)`.
+    All,
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q: FrozenLinear,
+    k: FrozenLinear,
+    v: FrozenLinear,
+    o: FrozenLinear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    attn_norm: RmsNorm,
+    attn: Attention,
+    ffn_norm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// Where one sequence's rows sit in the concatenated batch.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    offset: usize,
+    len: usize,
+}
+
+/// A LLaMA-family causal language model. Weights are read-only after load, so one
+/// `Llama` can be shared (`Arc`) between the serving engine and other readers.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    cfg: LlamaConfig,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: FrozenLinear,
+    rotary: Rotary,
+    device: Device,
+}
+
+impl Attention {
+    /// `xs`: `(total, hidden)`, rows of all sequences. Returns `(total, hidden)`.
+    fn forward(
+        &self,
+        layer: usize,
+        xs: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        spans: &[Span],
+        caches: &mut [&mut KvCache],
+    ) -> candle_core::Result<Tensor> {
+        let total = xs.dim(0)?;
+        let (h, kvh, hd) = (self.heads, self.kv_heads, self.head_dim);
+        let heads_first = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
+            t.reshape((total, n, hd))?.transpose(0, 1)
+        };
+        let q = Rotary::apply(&heads_first(self.q.forward(xs)?, h)?, cos, sin)?;
+        let k = Rotary::apply(&heads_first(self.k.forward(xs)?, kvh)?, cos, sin)?;
+        let v = heads_first(self.v.forward(xs)?, kvh)?;
+        let rep = h / kvh;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut outs = Vec::with_capacity(spans.len());
+        for (span, cache) in spans.iter().zip(caches.iter_mut()) {
+            let past = cache.len();
+            let q = q.narrow(1, span.offset, span.len)?;
+            let (k, v) = cache.append(
+                layer,
+                &k.narrow(1, span.offset, span.len)?,
+                &v.narrow(1, span.offset, span.len)?,
+            )?;
+            let keys = past + span.len;
+            // Group query heads by the KV head they share: (kv_heads, rep * len, hd),
+            // so K and V are used as they are, never repeated.
+            let q = q.contiguous()?.reshape((kvh, rep * span.len, hd))?;
+            let mut att = (q.matmul(&k.t()?)? * scale)?;
+            if span.len > 1 {
+                let mask = causal_mask(span.len, past, xs.device())?;
+                att = att
+                    .reshape((kvh, rep, span.len, keys))?
+                    .broadcast_add(&mask)?
+                    .reshape((kvh, rep * span.len, keys))?;
+            }
+            let att = candle_nn::ops::softmax_last_dim(&att)?;
+            let out = att.matmul(&v.contiguous()?)?; // (kvh, rep * len, hd)
+            outs.push(
+                out.reshape((h, span.len, hd))?
+                    .transpose(0, 1)?
+                    .reshape((span.len, h * hd))?,
+            );
+        }
+        let out = if outs.len() == 1 {
+            outs.pop().expect("one output")
+        } else {
+            Tensor::cat(&outs, 0)?
+        };
+        self.o.forward(&out)
+    }
+}
+
+/// `(len, past + len)`: 0 where query `i` may see key `j` (`j <= past + i`), -inf
+/// elsewhere.
+fn causal_mask(len: usize, past: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let keys = past + len;
+    let mask: Vec<f32> = (0..len)
+        .flat_map(|i| {
+            (0..keys).map(move |j| {
+                if j <= past + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(mask, (len, keys), device)
+}
+
+impl Llama {
+    /// Loads the model from an opened checkpoint.
+    pub fn load(ckpt: &mut Checkpoint, format: WeightFormat) -> Result<Self, LoadError> {
+        let cfg = ckpt.config()?;
+        let device = ckpt.device().clone();
+        let (hidden, inter) = (cfg.hidden_size, cfg.intermediate_size);
+        let (heads, kv_heads, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
+        let gguf = ckpt.is_gguf();
+        let lin =
+            |ckpt: &mut Checkpoint, name: String, out: usize, inp: usize, rope: Option<usize>| {
+                ckpt.linear(&name, (out, inp), format, if gguf { rope } else { None })
+                    .map(FrozenLinear::new)
+            };
+        let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let attn = Attention {
+                q: lin(
+                    ckpt,
+                    format!("{p}.self_attn.q_proj.weight"),
+                    heads * hd,
+                    hidden,
+                    Some(heads),
+                )?,
+                k: lin(
+                    ckpt,
+                    format!("{p}.self_attn.k_proj.weight"),
+                    kv_heads * hd,
+                    hidden,
+                    Some(kv_heads),
+                )?,
+                v: lin(
+                    ckpt,
+                    format!("{p}.self_attn.v_proj.weight"),
+                    kv_heads * hd,
+                    hidden,
+                    None,
+                )?,
+                o: lin(
+                    ckpt,
+                    format!("{p}.self_attn.o_proj.weight"),
+                    hidden,
+                    heads * hd,
+                    None,
+                )?,
+                heads,
+                kv_heads,
+                head_dim: hd,
+            };
+            let mlp = Mlp {
+                gate: lin(
+                    ckpt,
+                    format!("{p}.mlp.gate_proj.weight"),
+                    inter,
+                    hidden,
+                    None,
+                )?,
+                up: lin(ckpt, format!("{p}.mlp.up_proj.weight"), inter, hidden, None)?,
+                down: lin(
+                    ckpt,
+                    format!("{p}.mlp.down_proj.weight"),
+                    hidden,
+                    inter,
+                    None,
+                )?,
+            };
+            blocks.push(Block {
+                attn_norm: RmsNorm::new(
+                    ckpt.dense(&format!("{p}.input_layernorm.weight"), &[hidden])?,
+                    cfg.rms_norm_eps,
+                ),
+                attn,
+                ffn_norm: RmsNorm::new(
+                    ckpt.dense(&format!("{p}.post_attention_layernorm.weight"), &[hidden])?,
+                    cfg.rms_norm_eps,
+                ),
+                mlp,
+            });
+        }
+        let embed = ckpt.dense("model.embed_tokens.weight", &[cfg.vocab_size, hidden])?;
+        let lm_head = if !cfg.tie_word_embeddings && ckpt.contains("lm_head.weight") {
+            lin(ckpt, "lm_head.weight".into(), cfg.vocab_size, hidden, None)?
+        } else if gguf {
+            // Tied: the output projection reads the (quantized) embedding table.
+            lin(
+                ckpt,
+                "model.embed_tokens.weight".into(),
+                cfg.vocab_size,
+                hidden,
+                None,
+            )?
+        } else {
+            FrozenLinear::new(candle_core::quantized::QMatMul::Tensor(embed.clone()))
+        };
+        let norm = RmsNorm::new(
+            ckpt.dense("model.norm.weight", &[hidden])?,
+            cfg.rms_norm_eps,
+        );
+        let mut inv_freq = cfg.rope_inv_freq();
+        if let Some(factors) = ckpt.rope_freq_factors()? {
+            for (f, factor) in inv_freq.iter_mut().zip(factors) {
+                *f /= factor;
+            }
+        }
+        let rotary = Rotary::new(&inv_freq, &device).map_err(|source| LoadError::Tensor {
+            path: ckpt.path().to_path_buf(),
+            source,
+        })?;
+        Ok(Self {
+            cfg,
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            rotary,
+            device,
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    /// The context length: the largest number of positions a sequence may hold.
+    pub fn max_context(&self) -> usize {
+        self.cfg.max_position_embeddings
+    }
+
+    /// A fresh, empty KV cache for one sequence.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.cfg.num_hidden_layers)
+    }
+
+    /// One step for a batch of sequences. `tokens[i]` are the new tokens of
+    /// sequence `i` (a prompt chunk or one decoded token), which continue
+    /// `caches[i]`; the caches are extended. Returns f32 logits as `which` says.
+    pub fn forward(
+        &self,
+        tokens: &[&[u32]],
+        caches: &mut [&mut KvCache],
+        which: LogitsFor,
+    ) -> Result<Tensor, ModelError> {
+        if tokens.len() != caches.len() {
+            return Err(ModelError::BatchMismatch {
+                tokens: tokens.len(),
+                caches: caches.len(),
+            });
+        }
+        let mut spans = Vec::with_capacity(tokens.len());
+        let mut positions = Vec::new();
+        let mut ids = Vec::new();
+        for (index, (toks, cache)) in tokens.iter().zip(caches.iter()).enumerate() {
+            if toks.is_empty() {
+                return Err(ModelError::EmptyInput { index });
+            }
+            let past = cache.len();
+            if past + toks.len() > self.max_context() {
+                return Err(ModelError::ContextOverflow {
+                    tokens: past + toks.len(),
+                    context: self.max_context(),
+                });
+            }
+            if let Some(&id) = toks.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+                return Err(ModelError::TokenOutOfRange {
+                    id,
+                    vocab: self.cfg.vocab_size,
+                });
+            }
+            spans.push(Span {
+                offset: ids.len(),
+                len: toks.len(),
+            });
+            positions.extend((past..past + toks.len()).map(|p| p as u32));
+            ids.extend_from_slice(toks);
+        }
+        let total = ids.len();
+        let ids = Tensor::from_vec(ids, total, &self.device)?;
+        let (cos, sin) = self.rotary.cos_sin(&positions)?;
+        let mut xs = self.embed.index_select(&ids, 0)?;
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let residual = &xs;
+            let h = block.attn.forward(
+                layer,
+                &block.attn_norm.forward(&xs)?,
+                &cos,
+                &sin,
+                &spans,
+                caches,
+            )?;
+            let xs1 = (h + residual)?;
+            let h = block.mlp.forward(&block.ffn_norm.forward(&xs1)?)?;
+            xs = (h + xs1)?;
+        }
+        let xs = match which {
+            LogitsFor::All => xs,
+            LogitsFor::Last if spans.len() == 1 => xs.narrow(0, total - 1, 1)?,
+            LogitsFor::Last => {
+                let last: Vec<u32> = spans
+                    .iter()
+                    .map(|s| (s.offset + s.len - 1) as u32)
+                    .collect();
+                let n = last.len();
+                xs.index_select(&Tensor::from_vec(last, n, &self.device)?, 0)?
+            }
+        };
+        let logits = self.lm_head.forward(&self.norm.forward(&xs)?)?;
+        Ok(logits.to_dtype(DType::F32)?)
+    }
+
+    /// Convenience: runs one sequence's new tokens and returns the logits of its
+    /// last position, `(vocab,)`.
+    pub fn forward_one(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor, ModelError> {
+        Ok(self
+            .forward(&[tokens], &mut [cache], LogitsFor::Last)?
+            .squeeze(0)?)
+    }
+
+    /// Log-probabilities of `continuation` after `context` (teacher forcing), one
+    /// per continuation token. Uses a scratch cache.
+    pub fn continuation_logprobs(
+        &self,
+        context: &[u32],
+        continuation: &[u32],
+    ) -> Result<Vec<f32>, ModelError> {
+        let mut all = context.to_vec();
+        all.extend_from_slice(continuation);
+        let mut cache = self.new_cache();
+        let logits = self.forward(&[&all], &mut [&mut cache], LogitsFor::All)?;
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let mut out = Vec::with_capacity(continuation.len());
+        for (i, &tok) in continuation.iter().enumerate() {
+            let row = context.len() + i - 1;
+            out.push(logp.get(row)?.get(tok as usize)?.to_scalar::<f32>()?);
+        }
+        Ok(out)
+    }
+}
