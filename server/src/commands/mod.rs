@@ -1,0 +1,80 @@
+//! The `attune` subcommands and what they share: configuration layering and
+//! model loading.
+
+mod bench;
+mod generate;
+
+use anyhow::{bail, Context, Result};
+use attune_config::{Config, ConfigBuilder};
+use attune_models::{LoadOptions, LoadedModel, WeightFormat};
+use candle_core::Device;
+
+use crate::cli::{Cli, Command, ModelArgs};
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Generate(args) => {
+            let cfg = load_config(cli.config.as_deref(), &args.model)?;
+            generate::run(&cfg, args)
+        }
+        Command::Bench(args) => {
+            let cfg = load_config(cli.config.as_deref(), &args.model)?;
+            bench::run(&cfg, args)
+        }
+    }
+}
+
+/// Defaults → file → environment → these flags, validated.
+pub fn load_config(file: Option<&std::path::Path>, flags: &ModelArgs) -> Result<Config> {
+    let mut b = ConfigBuilder::new();
+    if let Some(f) = file {
+        b = b.file(f)?;
+    }
+    let mut b = b.env(std::env::vars())?;
+    if let Some(m) = &flags.model {
+        b.set("model.path", &m.to_string_lossy(), "flag --model")?;
+    }
+    if let Some(w) = &flags.weights {
+        b.set("model.weights", w, "flag --weights")?;
+    }
+    if let Some(t) = flags.threads {
+        b.set("runtime.threads", &t.to_string(), "flag --threads")?;
+    }
+    Ok(b.build()?)
+}
+
+pub fn device(cfg: &Config) -> Result<Device> {
+    let d = cfg.model.device.as_str();
+    if d == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let ordinal: usize = d.trim_start_matches("cuda").trim_start_matches(':').parse().unwrap_or(0);
+    Device::new_cuda(ordinal).with_context(|| format!("`model.device` = `{d}`: cannot open the GPU"))
+}
+
+/// Loads the configured model, with a hint when the default one was never fetched.
+pub fn load_model(cfg: &Config) -> Result<LoadedModel> {
+    let path = cfg.model.resolved_path();
+    if cfg.model.path.is_none() && !path.exists() {
+        bail!(
+            "the default model is not at {}: fetch it with `make model` (or scripts/fetch-model.sh), \
+             or pass --model PATH / set ATTUNE_MODEL",
+            path.display()
+        );
+    }
+    let format: WeightFormat = cfg.model.weights.parse().map_err(anyhow::Error::msg)?;
+    let opts = LoadOptions {
+        path,
+        format,
+        device: device(cfg)?,
+    };
+    Ok(LoadedModel::load(&opts)?)
+}
+
+/// The rayon pool tensor work runs in, sized by `runtime.threads`.
+pub fn thread_pool(cfg: &Config) -> Result<rayon::ThreadPool> {
+    Ok(rayon::ThreadPoolBuilder::new()
+        .num_threads(cfg.runtime.effective_threads())
+        .thread_name(|i| format!("attune-tensor-{i}"))
+        .build()?)
+}
