@@ -115,7 +115,9 @@ pub fn default_cache_dir() -> PathBuf {
     if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|x| !x.is_empty()) {
         return PathBuf::from(x).join("attune");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("attune")
 }
 
@@ -144,10 +146,12 @@ impl ConfigBuilder {
             path: path.to_path_buf(),
             source,
         })?;
-        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
         let origin = format!("config file {}", path.display());
         for (section, value) in table {
             match value {
@@ -163,7 +167,10 @@ impl ConfigBuilder {
     }
 
     /// Applies `ATTUNE_*` variables from `vars` (normally `std::env::vars()`).
-    pub fn env(mut self, vars: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+    pub fn env(
+        mut self,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
         for (name, value) in vars {
             let key = if let Some((_, key)) = ENV_ALIASES.iter().find(|(n, _)| *n == name) {
                 key.to_string()
@@ -191,8 +198,12 @@ impl ConfigBuilder {
             value: value.to_string(),
         };
         let parsed = match current {
-            toml::Value::Integer(_) => toml::Value::Integer(value.trim().parse().map_err(|_| bad("an integer"))?),
-            toml::Value::Float(_) => toml::Value::Float(value.trim().parse().map_err(|_| bad("a number"))?),
+            toml::Value::Integer(_) => {
+                toml::Value::Integer(value.trim().parse().map_err(|_| bad("an integer"))?)
+            }
+            toml::Value::Float(_) => {
+                toml::Value::Float(value.trim().parse().map_err(|_| bad("a number"))?)
+            }
             toml::Value::Boolean(_) => toml::Value::Boolean(match value.trim() {
                 "1" | "true" | "yes" | "on" => true,
                 "0" | "false" | "no" | "off" => false,
@@ -210,12 +221,21 @@ impl ConfigBuilder {
             key: key.to_string(),
         };
         let (section, name) = key.split_once('.').ok_or_else(unknown)?;
-        let table = self.tree.get(section).and_then(|s| s.as_table()).ok_or_else(unknown)?;
+        let table = self
+            .tree
+            .get(section)
+            .and_then(|s| s.as_table())
+            .ok_or_else(unknown)?;
         // Optional keys (`None` by default) are absent from the tree; they take strings.
         Ok(table.get(name).unwrap_or(&EMPTY_STRING))
     }
 
-    fn set_value(&mut self, key: &str, value: toml::Value, origin: &str) -> Result<(), ConfigError> {
+    fn set_value(
+        &mut self,
+        key: &str,
+        value: toml::Value,
+        origin: &str,
+    ) -> Result<(), ConfigError> {
         let unknown = || ConfigError::UnknownKey {
             origin: origin.to_string(),
             key: key.to_string(),
@@ -246,12 +266,13 @@ impl ConfigBuilder {
 
     /// Deserializes and validates.
     pub fn build(self) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::Value::Table(self.tree).try_into().map_err(|e: toml::de::Error| {
-            ConfigError::Invalid {
-                key: "(tree)".into(),
-                problem: e.message().to_string(),
-            }
-        })?;
+        let cfg: Config =
+            toml::Value::Table(self.tree)
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Invalid {
+                    key: "(tree)".into(),
+                    problem: e.message().to_string(),
+                })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -281,11 +302,24 @@ impl Config {
             ));
         }
         let dev = self.model.device.as_str();
-        if dev != "cpu" && !(dev.starts_with("cuda") && dev.trim_start_matches("cuda").trim_start_matches(':').chars().all(|c| c.is_ascii_digit())) {
-            return Err(invalid("model.device", format!("must be `cpu` or `cuda:N`, got `{dev}`")));
+        if dev != "cpu"
+            && !(dev.starts_with("cuda")
+                && dev
+                    .trim_start_matches("cuda")
+                    .trim_start_matches(':')
+                    .chars()
+                    .all(|c| c.is_ascii_digit()))
+        {
+            return Err(invalid(
+                "model.device",
+                format!("must be `cpu` or `cuda:N`, got `{dev}`"),
+            ));
         }
         if self.runtime.threads > 4096 {
-            return Err(invalid("runtime.threads", format!("must be at most 4096, got {}", self.runtime.threads)));
+            return Err(invalid(
+                "runtime.threads",
+                format!("must be at most 4096, got {}", self.runtime.threads),
+            ));
         }
         Ok(())
     }
@@ -296,7 +330,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
     }
 
     #[test]
@@ -309,7 +346,10 @@ mod tests {
             .unwrap()
             .env(env(&[("ATTUNE_THREADS", "5"), ("ATTUNE_MODEL", "/m.gguf")]))
             .unwrap();
-        assert_eq!(b.lookup("runtime.threads", "").unwrap().as_integer(), Some(5));
+        assert_eq!(
+            b.lookup("runtime.threads", "").unwrap().as_integer(),
+            Some(5)
+        );
         b.set("runtime.threads", "7", "flag --threads").unwrap();
         let c = b.build().unwrap();
         assert_eq!(c.runtime.threads, 7);
@@ -324,17 +364,33 @@ mod tests {
             .unwrap()
             .build()
             .unwrap();
-        assert_eq!(c.model.resolved_path(), PathBuf::from("/c/models").join(DEFAULT_MODEL_FILE));
+        assert_eq!(
+            c.model.resolved_path(),
+            PathBuf::from("/c/models").join(DEFAULT_MODEL_FILE)
+        );
     }
 
     #[test]
     fn errors_name_the_key_and_origin() {
-        let e = ConfigBuilder::new().env(env(&[("ATTUNE_THREADS", "many")])).unwrap_err();
+        let e = ConfigBuilder::new()
+            .env(env(&[("ATTUNE_THREADS", "many")]))
+            .unwrap_err();
         let msg = e.to_string();
-        assert!(msg.contains("runtime.threads") && msg.contains("ATTUNE_THREADS") && msg.contains("many"), "{msg}");
-        let e = ConfigBuilder::new().env(env(&[("ATTUNE_MODEL__COLOUR", "x")])).unwrap_err();
+        assert!(
+            msg.contains("runtime.threads")
+                && msg.contains("ATTUNE_THREADS")
+                && msg.contains("many"),
+            "{msg}"
+        );
+        let e = ConfigBuilder::new()
+            .env(env(&[("ATTUNE_MODEL__COLOUR", "x")]))
+            .unwrap_err();
         assert!(e.to_string().contains("model.colour"));
-        let e = ConfigBuilder::new().env(env(&[("ATTUNE_WEIGHTS", "int3")])).unwrap().build().unwrap_err();
+        let e = ConfigBuilder::new()
+            .env(env(&[("ATTUNE_WEIGHTS", "int3")]))
+            .unwrap()
+            .build()
+            .unwrap_err();
         assert!(e.to_string().contains("model.weights"));
     }
 

@@ -291,7 +291,11 @@ impl Checkpoint {
             Source::Gguf { content, .. } => self.gguf_config(content)?,
         };
         config.validate().map_err(|reason| LoadError::Config {
-            path: self.path.clone(),
+            path: if self.is_gguf() {
+                self.path.clone()
+            } else {
+                self.path.join("config.json")
+            },
             reason,
         })?;
         Ok(config)

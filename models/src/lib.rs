@@ -11,6 +11,7 @@ pub mod layers;
 pub mod llama;
 pub mod loaded;
 pub mod sampling;
+pub mod testing;
 pub mod tokenizer;
 
 pub use chat_template::{ChatMessage, ChatTemplate};

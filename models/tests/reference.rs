@@ -221,3 +221,45 @@ fn quantized_serving_path_keeps_argmax_and_small_kl() {
     }
     eprintln!("largest KL(reference ‖ q8) at the fixture positions: {worst:.5}");
 }
+
+/// The serving path's batched step (prompts of different lengths prefilled
+/// together, decoded together, leaving at different steps) gives the same greedy
+/// text as running each prompt alone.
+#[test]
+fn default_model_batched_greedy_equals_one_at_a_time() {
+    use attune_models::{ChatMessage, SamplingParams, StopConditions};
+    let m = q8_model();
+    let questions = [
+        "What is the capital of France?",
+        "Name three colours.",
+        "Write a haiku about the sea in English, please.",
+    ];
+    let requests: Vec<_> = questions
+        .iter()
+        .zip([24, 16, 20])
+        .map(|(q, n)| {
+            let text = m
+                .template
+                .render(&[ChatMessage::new("user", *q)], true)
+                .unwrap();
+            (
+                m.tokenizer.encode(&text).unwrap(),
+                SamplingParams::greedy(),
+                StopConditions {
+                    max_tokens: n,
+                    stop: vec![],
+                    eos_ids: m.tokenizer.eos_ids.clone(),
+                    context: m.model.max_context(),
+                },
+            )
+        })
+        .collect();
+    let together =
+        attune_models::generate_batch(&m.model, &m.tokenizer, requests.clone(), |_, _| {}).unwrap();
+    for (req, got) in requests.into_iter().zip(together) {
+        let alone = attune_models::generate(&m.model, &m.tokenizer, req.0, req.1, req.2, |_, _| {})
+            .unwrap();
+        assert_eq!(alone.text, got.text);
+        assert_eq!(alone.tokens, got.tokens);
+    }
+}

@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "attune", version, about = "An LLM server that learns from its users while it serves")]
+#[command(
+    name = "attune",
+    version,
+    about = "An LLM server that learns from its users while it serves"
+)]
 pub struct Cli {
     /// TOML configuration file.
     #[arg(long, global = true, env = "ATTUNE_CONFIG")]

@@ -23,7 +23,8 @@ struct Rates {
 
 /// A deterministic prompt of exactly `n` tokens.
 fn prompt_tokens(loaded: &LoadedModel, n: usize) -> Result<Vec<u32>> {
-    let text = "The history of the printing press begins in the fifteenth century, when movable type \
+    let text =
+        "The history of the printing press begins in the fifteenth century, when movable type \
                 changed how books were made, sold and read across Europe. ";
     let unit = loaded.tokenizer.encode(text)?;
     Ok(unit.iter().copied().cycle().take(n).collect())
@@ -73,15 +74,23 @@ fn requantized_copy(src: &std::path::Path, dst: &std::path::Path) -> Result<()> 
         };
         tensors.push((name.clone(), t));
     }
-    let metadata: Vec<(&str, &gguf_file::Value)> =
-        content.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let metadata: Vec<(&str, &gguf_file::Value)> = content
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
     let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let mut out = std::io::BufWriter::new(std::fs::File::create(dst)?);
     gguf_file::write(&mut out, &metadata, &tensor_refs)?;
     Ok(())
 }
 
-fn bench_stock(path: &std::path::Path, prompt: &[u32], batch: usize, steps: usize) -> Result<Rates> {
+fn bench_stock(
+    path: &std::path::Path,
+    prompt: &[u32],
+    batch: usize,
+    steps: usize,
+) -> Result<Rates> {
     let mut reader = std::fs::File::open(path)?;
     let content = gguf_file::Content::read(&mut reader)?;
     let mut model = ModelWeights::from_gguf(content, &mut reader, &Device::Cpu)?;
@@ -128,7 +137,11 @@ fn best(runs: impl Iterator<Item = Result<Rates>>) -> Result<Rates> {
 }
 
 pub fn run(cfg: &Config, args: BenchArgs) -> Result<()> {
-    if args.batch.is_empty() || args.batch.contains(&0) || args.prompt_tokens == 0 || args.decode_tokens == 0 {
+    if args.batch.is_empty()
+        || args.batch.contains(&0)
+        || args.prompt_tokens == 0
+        || args.decode_tokens == 0
+    {
         bail!("--batch sizes, --prompt-tokens and --decode-tokens must be positive");
     }
     let pool = super::thread_pool(cfg)?;
@@ -154,12 +167,27 @@ pub fn run(cfg: &Config, args: BenchArgs) -> Result<()> {
     );
     println!(
         "{:>5} | {:>14} {:>14} {:>12} | {:>14} {:>14} {:>12} | {:>8} {:>8}",
-        "batch", "prefill tok/s", "decode tok/s", "ms/step", "stock prefill", "stock decode", "ms/step", "prefill×", "decode×"
+        "batch",
+        "prefill tok/s",
+        "decode tok/s",
+        "ms/step",
+        "stock prefill",
+        "stock decode",
+        "ms/step",
+        "prefill×",
+        "decode×"
     );
     for &b in &args.batch {
-        let ours = pool.install(|| best((0..args.repeat).map(|_| bench_attune(&loaded.model, &prompt, b, args.decode_tokens))))?;
+        let ours = pool.install(|| {
+            best(
+                (0..args.repeat)
+                    .map(|_| bench_attune(&loaded.model, &prompt, b, args.decode_tokens)),
+            )
+        })?;
         let theirs = match &stock {
-            Some((_, p)) => Some(pool.install(|| best((0..args.repeat).map(|_| bench_stock(p, &prompt, b, args.decode_tokens))))?),
+            Some((_, p)) => Some(pool.install(|| {
+                best((0..args.repeat).map(|_| bench_stock(p, &prompt, b, args.decode_tokens)))
+            })?),
             None => None,
         };
         let (sp, sd, sm, rp, rd) = match theirs {

@@ -17,8 +17,12 @@ fn read_messages(path: &std::path::Path) -> Result<Vec<ChatMessage>> {
     } else {
         std::fs::read_to_string(path).with_context(|| format!("--messages {}", path.display()))?
     };
-    let messages: Vec<ChatMessage> = serde_json::from_str(&text)
-        .with_context(|| format!("--messages {}: expected [{{\"role\": ..., \"content\": ...}}]", path.display()))?;
+    let messages: Vec<ChatMessage> = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "--messages {}: expected [{{\"role\": ..., \"content\": ...}}]",
+            path.display()
+        )
+    })?;
     if messages.is_empty() {
         bail!("--messages {}: no messages", path.display());
     }
@@ -36,7 +40,10 @@ fn check_args(a: &GenerateArgs) -> Result<()> {
         bail!("--min-p must be in [0, 1], got {}", a.min_p);
     }
     if !(a.repetition_penalty > 0.0) {
-        bail!("--repetition-penalty must be > 0, got {}", a.repetition_penalty);
+        bail!(
+            "--repetition-penalty must be > 0, got {}",
+            a.repetition_penalty
+        );
     }
     if a.max_tokens == 0 {
         bail!("--max-tokens must be at least 1");
@@ -63,7 +70,10 @@ pub fn run(cfg: &Config, args: GenerateArgs) -> Result<()> {
     let prompt = loaded.tokenizer.encode(&text)?;
     let context = loaded.model.max_context();
     if prompt.len() >= context {
-        bail!("the prompt has {} tokens; the model's context is {context}", prompt.len());
+        bail!(
+            "the prompt has {} tokens; the model's context is {context}",
+            prompt.len()
+        );
     }
     let params = SamplingParams {
         temperature: args.temperature,
@@ -85,12 +95,19 @@ pub fn run(cfg: &Config, args: GenerateArgs) -> Result<()> {
     let pool = super::thread_pool(cfg)?;
     let stream = !args.json;
     let out = pool.install(|| {
-        attune_models::generate(&loaded.model, &loaded.tokenizer, prompt, params, stops, |_, step| {
-            if stream {
-                print!("{}", step.text);
-                let _ = std::io::stdout().flush();
-            }
-        })
+        attune_models::generate(
+            &loaded.model,
+            &loaded.tokenizer,
+            prompt,
+            params,
+            stops,
+            |_, step| {
+                if stream {
+                    print!("{}", step.text);
+                    let _ = std::io::stdout().flush();
+                }
+            },
+        )
     })?;
     if args.json {
         let logprobs: Vec<_> = out
@@ -128,11 +145,19 @@ pub fn run(cfg: &Config, args: GenerateArgs) -> Result<()> {
             let alts: Vec<String> = lp
                 .top
                 .iter()
-                .map(|(id, l)| format!("{:?} {l:.3}", loaded.tokenizer.decode(&[*id], false).unwrap_or_default()))
+                .map(|(id, l)| {
+                    format!(
+                        "{:?} {l:.3}",
+                        loaded.tokenizer.decode(&[*id], false).unwrap_or_default()
+                    )
+                })
                 .collect();
             eprintln!(
                 "{:?} {:.4}  [{}]",
-                loaded.tokenizer.decode(&[lp.token], false).unwrap_or_default(),
+                loaded
+                    .tokenizer
+                    .decode(&[lp.token], false)
+                    .unwrap_or_default(),
                 lp.logprob,
                 alts.join(", ")
             );

@@ -48,8 +48,13 @@ pub fn device(cfg: &Config) -> Result<Device> {
     if d == "cpu" {
         return Ok(Device::Cpu);
     }
-    let ordinal: usize = d.trim_start_matches("cuda").trim_start_matches(':').parse().unwrap_or(0);
-    Device::new_cuda(ordinal).with_context(|| format!("`model.device` = `{d}`: cannot open the GPU"))
+    let ordinal: usize = d
+        .trim_start_matches("cuda")
+        .trim_start_matches(':')
+        .parse()
+        .unwrap_or(0);
+    Device::new_cuda(ordinal)
+        .with_context(|| format!("`model.device` = `{d}`: cannot open the GPU"))
 }
 
 /// Loads the configured model, with a hint when the default one was never fetched.

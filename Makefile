@@ -1,0 +1,31 @@
+# attune — the two commands a new user needs:
+#   make run    set up (build, fetch the default model) and start attune on it
+#   make test   set up and run the whole test suite
+# Everything is idempotent; the model lands in $(ATTUNE_CACHE_DIR) (default ~/.cache/attune).
+
+CARGO ?= cargo
+PROMPT ?= What is the capital of France?
+
+.PHONY: run test build model bench fmt lint clean
+
+build:
+	$(CARGO) build --release
+
+model:
+	./scripts/fetch-model.sh
+
+run: build model
+	./target/release/attune generate --prompt "$(PROMPT)"
+
+test: model
+	$(CARGO) test --workspace --all-targets
+
+bench: build model
+	./target/release/attune bench
+
+fmt:
+	$(CARGO) fmt --all
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
