@@ -79,17 +79,11 @@ impl ModelConfig {
 }
 
 /// Process-wide execution settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RuntimeConfig {
     /// Threads for tensor work; 0 means one per CPU core.
     pub threads: usize,
-}
-
-impl Default for RuntimeConfig {
-    fn default() -> Self {
-        Self { threads: 0 }
-    }
 }
 
 impl RuntimeConfig {

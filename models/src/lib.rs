@@ -23,5 +23,5 @@ pub use generation::{
 pub use kv_cache::KvCache;
 pub use llama::{Llama, LlamaConfig, LogitsFor};
 pub use loaded::{LoadOptions, LoadedModel};
-pub use sampling::{Sampler, SamplingParams, TokenLogprob};
+pub use sampling::{InvalidParam, Sampler, SamplingParams, TokenLogprob};
 pub use tokenizer::TextTokenizer;

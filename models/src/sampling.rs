@@ -49,7 +49,49 @@ impl Default for SamplingParams {
     }
 }
 
+/// A sampling setting out of range: `field` is the OpenAI/config field name
+/// (`top_p`), `message` says what is allowed and what was given.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("`{field}` {message}")]
+pub struct InvalidParam {
+    pub field: &'static str,
+    pub message: String,
+}
+
 impl SamplingParams {
+    /// Checks every setting's range; the error names the field.
+    pub fn validate(&self) -> Result<(), InvalidParam> {
+        let bad = |field, message: String| Err(InvalidParam { field, message });
+        let t = self.temperature;
+        if !t.is_finite() || !(0.0..=100.0).contains(&t) {
+            return bad("temperature", format!("must be in [0, 100], got {t}"));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p", format!("must be in (0, 1], got {}", self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad("min_p", format!("must be in [0, 1], got {}", self.min_p));
+        }
+        let rp = self.repetition_penalty;
+        if !rp.is_finite() || rp <= 0.0 {
+            return bad("repetition_penalty", format!("must be > 0, got {rp}"));
+        }
+        for (field, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return bad(field, format!("must be in [-2, 2], got {v}"));
+            }
+        }
+        if let Some(n) = self.logprobs {
+            if n > 20 {
+                return bad("top_logprobs", format!("must be in [0, 20], got {n}"));
+            }
+        }
+        Ok(())
+    }
+
     pub fn greedy() -> Self {
         Self {
             temperature: 0.0,
@@ -238,6 +280,25 @@ mod tests {
             seed: Some(7),
             ..SamplingParams::default()
         }
+    }
+
+    #[test]
+    fn validation_names_the_field_and_range() {
+        let e = SamplingParams {
+            top_p: 1.5,
+            ..params()
+        }
+        .validate()
+        .unwrap_err();
+        assert_eq!(e.to_string(), "`top_p` must be in (0, 1], got 1.5");
+        let e = SamplingParams {
+            temperature: f32::NAN,
+            ..params()
+        }
+        .validate()
+        .unwrap_err();
+        assert_eq!(e.field, "temperature");
+        assert!(params().validate().is_ok());
     }
 
     #[test]

@@ -97,7 +97,7 @@ impl TinyModel {
             "rope_theta": 10000.0,
             "max_position_embeddings": 256,
             "tie_word_embeddings": spec.tied,
-            "bos_token_id": 256 + 3 + 0,
+            "bos_token_id": 256 + 3,
             "eos_token_id": (tokens.len() - 1) as u32,
         }))
         .expect("valid tiny config");

@@ -123,17 +123,21 @@ impl LlamaConfig {
                 return Err(format!("`{name}` must be positive"));
             }
         }
-        if self.num_attention_heads % self.num_kv_heads() != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_kv_heads()) {
             return Err(format!(
                 "`num_attention_heads` ({}) must be a multiple of `num_key_value_heads` ({})",
                 self.num_attention_heads,
                 self.num_kv_heads()
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(format!("head dimension {} must be even", self.head_dim()));
         }
-        if !(self.rms_norm_eps > 0.0) || !(self.rope_theta > 0.0) {
+        if self.rms_norm_eps.is_nan()
+            || self.rms_norm_eps <= 0.0
+            || self.rope_theta.is_nan()
+            || self.rope_theta <= 0.0
+        {
             return Err("`rms_norm_eps` and `rope_theta` must be positive".into());
         }
         if let Some(rs) = &self.rope_scaling {
@@ -143,7 +147,7 @@ impl LlamaConfig {
                     rs.rope_type
                 ));
             }
-            if !(rs.factor > 0.0) {
+            if rs.factor.is_nan() || rs.factor <= 0.0 {
                 return Err("`rope_scaling.factor` must be positive".into());
             }
         }

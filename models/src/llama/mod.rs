@@ -49,6 +49,14 @@ struct Span {
     len: usize,
 }
 
+/// What every layer of one batched step shares: the rotary tables for the rows'
+/// positions and where each sequence's rows are.
+struct StepRows<'a> {
+    cos: Tensor,
+    sin: Tensor,
+    spans: &'a [Span],
+}
+
 /// A LLaMA-family causal language model. Weights are read-only after load, so one
 /// `Llama` can be shared (`Arc`) between the serving engine and other readers.
 #[derive(Debug, Clone)]
@@ -68,11 +76,10 @@ impl Attention {
         &self,
         layer: usize,
         xs: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        spans: &[Span],
+        rows: &StepRows,
         caches: &mut [&mut KvCache],
     ) -> candle_core::Result<Tensor> {
+        let (cos, sin, spans) = (&rows.cos, &rows.sin, rows.spans);
         let total = xs.dim(0)?;
         let (h, kvh, hd) = (self.heads, self.kv_heads, self.head_dim);
         let heads_first = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
@@ -325,17 +332,17 @@ impl Llama {
         let total = ids.len();
         let ids = Tensor::from_vec(ids, total, &self.device)?;
         let (cos, sin) = self.rotary.cos_sin(&positions)?;
+        let rows = StepRows {
+            cos,
+            sin,
+            spans: &spans,
+        };
         let mut xs = self.embed.index_select(&ids, 0)?;
         for (layer, block) in self.blocks.iter().enumerate() {
             let residual = &xs;
-            let h = block.attn.forward(
-                layer,
-                &block.attn_norm.forward(&xs)?,
-                &cos,
-                &sin,
-                &spans,
-                caches,
-            )?;
+            let h = block
+                .attn
+                .forward(layer, &block.attn_norm.forward(&xs)?, &rows, caches)?;
             let xs1 = (h + residual)?;
             let h = block.mlp.forward(&block.ffn_norm.forward(&xs1)?)?;
             xs = (h + xs1)?;

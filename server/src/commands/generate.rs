@@ -29,30 +29,30 @@ fn read_messages(path: &std::path::Path) -> Result<Vec<ChatMessage>> {
     Ok(messages)
 }
 
-fn check_args(a: &GenerateArgs) -> Result<()> {
-    if a.temperature < 0.0 || !a.temperature.is_finite() {
-        bail!("--temperature must be >= 0, got {}", a.temperature);
-    }
-    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
-        bail!("--top-p must be in (0, 1], got {}", a.top_p);
-    }
-    if !(0.0..=1.0).contains(&a.min_p) {
-        bail!("--min-p must be in [0, 1], got {}", a.min_p);
-    }
-    if !(a.repetition_penalty > 0.0) {
-        bail!(
-            "--repetition-penalty must be > 0, got {}",
-            a.repetition_penalty
-        );
-    }
-    if a.max_tokens == 0 {
+pub fn run(cfg: &Config, args: GenerateArgs) -> Result<()> {
+    if args.max_tokens == 0 {
         bail!("--max-tokens must be at least 1");
     }
-    Ok(())
-}
-
-pub fn run(cfg: &Config, args: GenerateArgs) -> Result<()> {
-    check_args(&args)?;
+    let params = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        min_p: args.min_p,
+        repetition_penalty: args.repetition_penalty,
+        presence_penalty: args.presence_penalty,
+        frequency_penalty: args.frequency_penalty,
+        seed: args.seed,
+        logprobs: args.logprobs,
+    };
+    // Field names become the flags that set them: `top_p` → `--top-p`.
+    params.validate().map_err(|e| {
+        let flag = if e.field == "top_logprobs" {
+            "logprobs".into()
+        } else {
+            e.field.replace('_', "-")
+        };
+        anyhow::anyhow!("--{flag} {}", e.message)
+    })?;
     let loaded = super::load_model(cfg)?;
     let text = match (&args.messages, &args.prompt) {
         (Some(path), _) => loaded.template.render(&read_messages(path)?, true)?,
@@ -75,17 +75,6 @@ pub fn run(cfg: &Config, args: GenerateArgs) -> Result<()> {
             prompt.len()
         );
     }
-    let params = SamplingParams {
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
-        min_p: args.min_p,
-        repetition_penalty: args.repetition_penalty,
-        presence_penalty: args.presence_penalty,
-        frequency_penalty: args.frequency_penalty,
-        seed: args.seed,
-        logprobs: args.logprobs,
-    };
     let stops = StopConditions {
         max_tokens: args.max_tokens,
         stop: args.stop.clone(),
