@@ -24,8 +24,24 @@ pub fn default_model() -> PathBuf {
     p
 }
 
+/// The project's shared folder (design, reference values, data): `ATTUNE_SHARED_DIR`,
+/// else `../shared` beside the checkout, else `/work/shared`.
 pub fn shared_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared")
+    if let Ok(p) = std::env::var("ATTUNE_SHARED_DIR") {
+        return PathBuf::from(p);
+    }
+    let beside = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared");
+    if beside.exists() {
+        return beside;
+    }
+    let fixed = PathBuf::from("/work/shared");
+    assert!(
+        fixed.exists(),
+        "the shared folder (reference values) is neither at {} nor at {}: set ATTUNE_SHARED_DIR",
+        beside.display(),
+        fixed.display()
+    );
+    fixed
 }
 
 pub fn reference() -> serde_json::Value {
