@@ -10,7 +10,7 @@ use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QStorage, QTensor};
+use candle_core::quantized::{gguf_file, GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::LoadError;
@@ -47,6 +47,13 @@ enum Source {
         tensors: candle_core::safetensors::MmapedSafetensors,
         config: LlamaConfig,
     },
+}
+
+/// A linear layer's weight as loaded, `(out, in)`: still quantized, or dense.
+#[derive(Debug)]
+pub enum LinearWeight {
+    Quantized(QTensor),
+    Dense(Tensor),
 }
 
 /// An opened model checkpoint.
@@ -112,6 +119,27 @@ fn permute_qtensor_rows(t: &QTensor, perm: &[usize]) -> candle_core::Result<QTen
     }
     let storage = QStorage::from_data(Cow::Owned(out), &t.device(), dtype)?;
     QTensor::new(storage, (rows, cols))
+}
+
+/// Stacks 2-D quantized tensors of one type and width by rows (fusing
+/// projections that read the same input). `None` if types or widths differ.
+pub fn concat_qtensor_rows(parts: &[&QTensor]) -> candle_core::Result<Option<QTensor>> {
+    let Some(first) = parts.first() else {
+        return Ok(None);
+    };
+    let (dtype, cols) = (first.dtype(), first.shape().dims2()?.1);
+    let mut rows = 0;
+    let mut bytes = Vec::new();
+    for p in parts {
+        let (r, c) = p.shape().dims2()?;
+        if p.dtype() != dtype || c != cols {
+            return Ok(None);
+        }
+        rows += r;
+        bytes.extend_from_slice(&p.data()?);
+    }
+    let storage = QStorage::from_data(Cow::Owned(bytes), &first.device(), dtype)?;
+    Ok(Some(QTensor::new(storage, (rows, cols))?))
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value, LoadError> {
@@ -480,12 +508,12 @@ impl Checkpoint {
         out_in: (usize, usize),
         format: WeightFormat,
         rope_heads: Option<usize>,
-    ) -> Result<QMatMul, LoadError> {
+    ) -> Result<LinearWeight, LoadError> {
         let expected = [out_in.0, out_in.1];
         if !self.is_gguf() {
             let t = self.load_safetensor(hf)?;
             self.check_shape(hf, t.dims(), &expected)?;
-            return Ok(QMatMul::Tensor(t));
+            return Ok(LinearWeight::Dense(t));
         }
         let name = gguf_name(hf);
         let mut q = self.read_qtensor(&name)?;
@@ -498,7 +526,7 @@ impl Checkpoint {
         let q = match format {
             WeightFormat::F32 => {
                 let t = q.dequantize(&self.device).map_err(|e| self.tensor_err(e))?;
-                return Ok(QMatMul::Tensor(t));
+                return Ok(LinearWeight::Dense(t));
             }
             WeightFormat::Quantized => match dtype {
                 GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 => {
@@ -512,10 +540,15 @@ impl Checkpoint {
                         dtype: format!("{dtype:?}"),
                     })
                 }
+                // Float tensors stored in GGUF are used dense.
+                GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+                    let t = q.dequantize(&self.device).map_err(|e| self.tensor_err(e))?;
+                    return Ok(LinearWeight::Dense(t));
+                }
                 _ => q,
             },
         };
-        QMatMul::from_arc(std::sync::Arc::new(q)).map_err(|e| self.tensor_err(e))
+        Ok(LinearWeight::Quantized(q))
     }
 }
 

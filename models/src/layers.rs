@@ -1,28 +1,158 @@
 //! Building blocks shared by every model in this crate: frozen linear layers
 //! (quantized or dense), RMSNorm, rotary embeddings and the gated MLP.
 
-use candle_core::quantized::QMatMul;
-use candle_core::{Module, Result, Tensor};
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Module, Result, Tensor, D};
+
+use crate::checkpoint::{concat_qtensor_rows, LinearWeight};
+
+/// Whether candle's repacked Q8_0 kernels (AVX-512 VNNI or AVX-VNNI) are
+/// available here; they need the inner dimension to be a multiple of 256.
+fn vnni_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512vnni")
+            || std::arch::is_x86_feature_detected!("avxvnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Width candle's repacked quantized kernels work in.
+const REPACK_K: usize = 256;
 
 /// A linear layer without bias whose weight never changes after load (quantized
 /// or dense). Shared read-only by every user of the model.
 #[derive(Debug, Clone)]
 pub struct FrozenLinear {
     weight: QMatMul,
+    in_features: usize,
+    /// Q8_0 weights whose width is not a multiple of 256 are zero-padded so
+    /// candle's VNNI kernels apply (about 2.5× the throughput of its generic
+    /// Q8_0 dot product here); inputs are padded to match.
+    padded_in: usize,
 }
 
 impl FrozenLinear {
-    pub fn new(weight: QMatMul) -> Self {
-        Self { weight }
+    pub fn new(weight: LinearWeight) -> Result<Self> {
+        match weight {
+            LinearWeight::Dense(t) => {
+                let in_features = t.dim(1)?;
+                Ok(Self {
+                    weight: QMatMul::Tensor(t),
+                    in_features,
+                    padded_in: in_features,
+                })
+            }
+            LinearWeight::Quantized(q) => {
+                let (out, in_features) = q.shape().dims2()?;
+                let padded_in = in_features.next_multiple_of(REPACK_K);
+                let q = if q.dtype() == GgmlDType::Q8_0
+                    && padded_in != in_features
+                    && out % 16 == 0
+                    && q.device().is_cpu()
+                    && vnni_available()
+                {
+                    let dense = q.dequantize(&q.device())?;
+                    let dense = dense.pad_with_zeros(1, 0, padded_in - in_features)?;
+                    QTensor::quantize(&dense, GgmlDType::Q8_0)?
+                } else {
+                    q
+                };
+                let padded_in = q.shape().dims2()?.1;
+                Ok(Self {
+                    weight: QMatMul::from_arc(Arc::new(q))?,
+                    in_features,
+                    padded_in,
+                })
+            }
+        }
     }
 
-    pub fn weight(&self) -> &QMatMul {
-        &self.weight
+    pub fn in_features(&self) -> usize {
+        self.in_features
     }
 
     /// `xs @ W^T` over the last dimension, any leading shape.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.weight.forward(xs)
+        if self.padded_in > self.in_features {
+            let xs = xs.pad_with_zeros(D::Minus1, 0, self.padded_in - self.in_features)?;
+            self.weight.forward(&xs)
+        } else {
+            self.weight.forward(xs)
+        }
+    }
+}
+
+/// Projections that read the same input (q/k/v, gate/up), fused into one
+/// matmul when their weights allow it; `forward` returns one output per
+/// projection either way.
+#[derive(Debug, Clone)]
+pub struct LinearGroup {
+    linears: Vec<FrozenLinear>,
+    /// Output width of each projection.
+    outs: Vec<usize>,
+}
+
+impl LinearGroup {
+    pub fn new(weights: Vec<LinearWeight>) -> Result<Self> {
+        let mut outs = Vec::with_capacity(weights.len());
+        for w in &weights {
+            outs.push(match w {
+                LinearWeight::Dense(t) => t.dim(0)?,
+                LinearWeight::Quantized(q) => q.shape().dims2()?.0,
+            });
+        }
+        let fused = match weights.as_slice() {
+            [] | [_] => None,
+            ws if ws.iter().all(|w| matches!(w, LinearWeight::Dense(_))) => {
+                let ts: Vec<&Tensor> = ws
+                    .iter()
+                    .map(|w| match w {
+                        LinearWeight::Dense(t) => t,
+                        LinearWeight::Quantized(_) => unreachable!("all dense"),
+                    })
+                    .collect();
+                Some(LinearWeight::Dense(Tensor::cat(&ts, 0)?))
+            }
+            ws if ws.iter().all(|w| matches!(w, LinearWeight::Quantized(_))) => {
+                let qs: Vec<&QTensor> = ws
+                    .iter()
+                    .map(|w| match w {
+                        LinearWeight::Quantized(q) => q,
+                        LinearWeight::Dense(_) => unreachable!("all quantized"),
+                    })
+                    .collect();
+                concat_qtensor_rows(&qs)?.map(LinearWeight::Quantized)
+            }
+            _ => None,
+        };
+        let linears = match fused {
+            Some(w) => vec![FrozenLinear::new(w)?],
+            None => weights
+                .into_iter()
+                .map(FrozenLinear::new)
+                .collect::<Result<_>>()?,
+        };
+        Ok(Self { linears, outs })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Vec<Tensor>> {
+        if self.linears.len() == self.outs.len() {
+            return self.linears.iter().map(|l| l.forward(xs)).collect();
+        }
+        let y = self.linears[0].forward(xs)?;
+        let mut start = 0;
+        let mut parts = Vec::with_capacity(self.outs.len());
+        for &n in &self.outs {
+            parts.push(y.narrow(D::Minus1, start, n)?);
+            start += n;
+        }
+        Ok(parts)
     }
 }
 
@@ -78,14 +208,15 @@ impl Rotary {
 /// The SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`.
 #[derive(Debug, Clone)]
 pub struct Mlp {
-    pub gate: FrozenLinear,
-    pub up: FrozenLinear,
+    /// `[gate, up]`.
+    pub gate_up: LinearGroup,
     pub down: FrozenLinear,
 }
 
 impl Mlp {
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate.forward(xs)?)?;
-        self.down.forward(&(gate * self.up.forward(xs)?)?)
+        let gu = self.gate_up.forward(xs)?;
+        let gate = candle_nn::ops::silu(&gu[0])?;
+        self.down.forward(&(gate * &gu[1])?)
     }
 }

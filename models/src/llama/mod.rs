@@ -9,10 +9,10 @@ use candle_core::{DType, Device, Tensor, D};
 
 pub use config::LlamaConfig;
 
-use crate::checkpoint::{Checkpoint, WeightFormat};
+use crate::checkpoint::{Checkpoint, LinearWeight, WeightFormat};
 use crate::error::{LoadError, ModelError};
 use crate::kv_cache::KvCache;
-use crate::layers::{FrozenLinear, Mlp, RmsNorm, Rotary};
+use crate::layers::{FrozenLinear, LinearGroup, Mlp, RmsNorm, Rotary};
 
 /// Which positions `forward` returns logits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,9 +25,8 @@ pub enum LogitsFor {
 
 #[derive(Debug, Clone)]
 struct Attention {
-    q: FrozenLinear,
-    k: FrozenLinear,
-    v: FrozenLinear,
+    /// `[q, k, v]`.
+    qkv: LinearGroup,
     o: FrozenLinear,
     heads: usize,
     kv_heads: usize,
@@ -85,9 +84,14 @@ impl Attention {
         let heads_first = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
             t.reshape((total, n, hd))?.transpose(0, 1)
         };
-        let q = Rotary::apply(&heads_first(self.q.forward(xs)?, h)?, cos, sin)?;
-        let k = Rotary::apply(&heads_first(self.k.forward(xs)?, kvh)?, cos, sin)?;
-        let v = heads_first(self.v.forward(xs)?, kvh)?;
+        let mut qkv = self.qkv.forward(xs)?.into_iter();
+        let (q, k, v) = match (qkv.next(), qkv.next(), qkv.next()) {
+            (Some(q), Some(k), Some(v)) => (q, k, v),
+            _ => candle_core::bail!("q/k/v projection group must give three outputs"),
+        };
+        let q = Rotary::apply(&heads_first(q, h)?, cos, sin)?;
+        let k = Rotary::apply(&heads_first(k, kvh)?, cos, sin)?;
+        let v = heads_first(v, kvh)?;
         let rep = h / kvh;
         let scale = 1.0 / (hd as f64).sqrt();
         let mut outs = Vec::with_capacity(spans.len());
@@ -154,80 +158,71 @@ impl Llama {
         let (hidden, inter) = (cfg.hidden_size, cfg.intermediate_size);
         let (heads, kv_heads, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
         let gguf = ckpt.is_gguf();
-        let lin =
+        let path = ckpt.path().to_path_buf();
+        let tensor_err = move |source| LoadError::Tensor {
+            path: path.clone(),
+            source,
+        };
+        let weight =
             |ckpt: &mut Checkpoint, name: String, out: usize, inp: usize, rope: Option<usize>| {
+                // GGUF q/k rows are un-permuted back to the Hugging Face order.
                 ckpt.linear(&name, (out, inp), format, if gguf { rope } else { None })
-                    .map(FrozenLinear::new)
+            };
+        let lin = |ckpt: &mut Checkpoint, name: String, out: usize, inp: usize| {
+            FrozenLinear::new(weight(ckpt, name, out, inp, None)?).map_err(&tensor_err)
+        };
+        let group =
+            |ckpt: &mut Checkpoint, names: &[(&str, usize, Option<usize>)], p: &str, inp: usize| {
+                let mut ws = Vec::with_capacity(names.len());
+                for &(n, out, rope) in names {
+                    ws.push(weight(ckpt, format!("{p}.{n}"), out, inp, rope)?);
+                }
+                LinearGroup::new(ws).map_err(&tensor_err)
             };
         let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
+            let qkv = [
+                ("self_attn.q_proj.weight", heads * hd, Some(heads)),
+                ("self_attn.k_proj.weight", kv_heads * hd, Some(kv_heads)),
+                ("self_attn.v_proj.weight", kv_heads * hd, None),
+            ];
             let attn = Attention {
-                q: lin(
-                    ckpt,
-                    format!("{p}.self_attn.q_proj.weight"),
-                    heads * hd,
-                    hidden,
-                    Some(heads),
-                )?,
-                k: lin(
-                    ckpt,
-                    format!("{p}.self_attn.k_proj.weight"),
-                    kv_heads * hd,
-                    hidden,
-                    Some(kv_heads),
-                )?,
-                v: lin(
-                    ckpt,
-                    format!("{p}.self_attn.v_proj.weight"),
-                    kv_heads * hd,
-                    hidden,
-                    None,
-                )?,
+                qkv: group(ckpt, &qkv, &p, hidden)?,
                 o: lin(
                     ckpt,
                     format!("{p}.self_attn.o_proj.weight"),
                     hidden,
                     heads * hd,
-                    None,
                 )?,
                 heads,
                 kv_heads,
                 head_dim: hd,
             };
+            let gate_up = [
+                ("mlp.gate_proj.weight", inter, None),
+                ("mlp.up_proj.weight", inter, None),
+            ];
             let mlp = Mlp {
-                gate: lin(
-                    ckpt,
-                    format!("{p}.mlp.gate_proj.weight"),
-                    inter,
-                    hidden,
-                    None,
-                )?,
-                up: lin(ckpt, format!("{p}.mlp.up_proj.weight"), inter, hidden, None)?,
-                down: lin(
-                    ckpt,
-                    format!("{p}.mlp.down_proj.weight"),
-                    hidden,
-                    inter,
-                    None,
-                )?,
+                gate_up: group(ckpt, &gate_up, &p, hidden)?,
+                down: lin(ckpt, format!("{p}.mlp.down_proj.weight"), hidden, inter)?,
+            };
+            let norm = |ckpt: &mut Checkpoint, n: &str| -> Result<RmsNorm, LoadError> {
+                Ok(RmsNorm::new(
+                    ckpt.dense(&format!("{p}.{n}"), &[hidden])?,
+                    cfg.rms_norm_eps,
+                ))
             };
             blocks.push(Block {
-                attn_norm: RmsNorm::new(
-                    ckpt.dense(&format!("{p}.input_layernorm.weight"), &[hidden])?,
-                    cfg.rms_norm_eps,
-                ),
+                attn_norm: norm(ckpt, "input_layernorm.weight")?,
                 attn,
-                ffn_norm: RmsNorm::new(
-                    ckpt.dense(&format!("{p}.post_attention_layernorm.weight"), &[hidden])?,
-                    cfg.rms_norm_eps,
-                ),
+                ffn_norm: norm(ckpt, "post_attention_layernorm.weight")?,
                 mlp,
             });
         }
         let embed = ckpt.dense("model.embed_tokens.weight", &[cfg.vocab_size, hidden])?;
         let lm_head = if !cfg.tie_word_embeddings && ckpt.contains("lm_head.weight") {
-            lin(ckpt, "lm_head.weight".into(), cfg.vocab_size, hidden, None)?
+            lin(ckpt, "lm_head.weight".into(), cfg.vocab_size, hidden)?
         } else if gguf {
             // Tied: the output projection reads the (quantized) embedding table.
             lin(
@@ -235,10 +230,9 @@ impl Llama {
                 "model.embed_tokens.weight".into(),
                 cfg.vocab_size,
                 hidden,
-                None,
             )?
         } else {
-            FrozenLinear::new(candle_core::quantized::QMatMul::Tensor(embed.clone()))
+            FrozenLinear::new(LinearWeight::Dense(embed.clone())).map_err(&tensor_err)?
         };
         let norm = RmsNorm::new(
             ckpt.dense("model.norm.weight", &[hidden])?,
