@@ -31,14 +31,17 @@ const REPACK_K: usize = 256;
 pub struct FrozenLinear {
     weight: QMatMul,
     in_features: usize,
-    /// Q8_0 weights whose width is not a multiple of 256 are zero-padded so
-    /// candle's VNNI kernels apply (about 2.5× the throughput of its generic
-    /// Q8_0 dot product here); inputs are padded to match.
+    /// With `WeightFormat::QuantizedVnni`, Q8_0 weights whose width is not a
+    /// multiple of 256 are zero-padded so candle's VNNI kernels apply (about 2.5×
+    /// the throughput of its generic Q8_0 dot product per byte); inputs are padded
+    /// to match. Those kernels quantize activations per 256 values instead of
+    /// per 32, which costs accuracy (see the reference tests).
     padded_in: usize,
 }
 
 impl FrozenLinear {
-    pub fn new(weight: LinearWeight) -> Result<Self> {
+    /// `pad_for_vnni`: see `padded_in`.
+    pub fn new(weight: LinearWeight, pad_for_vnni: bool) -> Result<Self> {
         match weight {
             LinearWeight::Dense(t) => {
                 let in_features = t.dim(1)?;
@@ -55,6 +58,7 @@ impl FrozenLinear {
                     && padded_in != in_features
                     && out % 16 == 0
                     && q.device().is_cpu()
+                    && pad_for_vnni
                     && vnni_available()
                 {
                     let dense = q.dequantize(&q.device())?;
@@ -99,7 +103,7 @@ pub struct LinearGroup {
 }
 
 impl LinearGroup {
-    pub fn new(weights: Vec<LinearWeight>) -> Result<Self> {
+    pub fn new(weights: Vec<LinearWeight>, pad_for_vnni: bool) -> Result<Self> {
         let mut outs = Vec::with_capacity(weights.len());
         for w in &weights {
             outs.push(match w {
@@ -132,10 +136,10 @@ impl LinearGroup {
             _ => None,
         };
         let linears = match fused {
-            Some(w) => vec![FrozenLinear::new(w)?],
+            Some(w) => vec![FrozenLinear::new(w, pad_for_vnni)?],
             None => weights
                 .into_iter()
-                .map(FrozenLinear::new)
+                .map(|w| FrozenLinear::new(w, pad_for_vnni))
                 .collect::<Result<_>>()?,
         };
         Ok(Self { linears, outs })

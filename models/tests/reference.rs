@@ -22,6 +22,16 @@ fn q8_model() -> &'static LoadedModel {
     M.get_or_init(|| LoadedModel::load(&LoadOptions::new(common::default_model())).unwrap())
 }
 
+fn vnni_model() -> &'static LoadedModel {
+    static M: OnceLock<LoadedModel> = OnceLock::new();
+    M.get_or_init(|| {
+        LoadedModel::load(
+            &LoadOptions::new(common::default_model()).with_format(WeightFormat::QuantizedVnni),
+        )
+        .unwrap()
+    })
+}
+
 fn ids(v: &serde_json::Value) -> Vec<u32> {
     v.as_array()
         .unwrap()
@@ -154,13 +164,12 @@ fn kl(p_logits: &[f32], q_logits: &[f32]) -> f64 {
         .sum()
 }
 
-/// The serving path (Q4_1 requantized to Q8_0) against the reference: the same
-/// greedy token and KL < 0.02 at every fixture position. The full reference
-/// distribution is the f32 path, which the tests above pin to the reference.
-#[test]
-fn quantized_serving_path_keeps_argmax_and_small_kl() {
+/// A quantized path against the reference: the same greedy token and KL below
+/// `bound` at every fixture position. The full reference distribution is the f32
+/// path, which the tests above pin to the reference.
+fn check_argmax_and_kl(q: &LoadedModel, bound: f64) {
     let r = common::reference();
-    let (f, q) = (f32_model(), q8_model());
+    let f = f32_model();
     // (input, the positions the reference fixes): last position of each logits
     // text, every position predicting a suffix token.
     let mut inputs: Vec<(Vec<u32>, std::ops::Range<usize>)> = r["logits"]
@@ -214,12 +223,25 @@ fn quantized_serving_path_keeps_argmax_and_small_kl() {
             let d = kl(&rf[pos], &rq[pos]);
             worst = worst.max(d);
             assert!(
-                d < 0.02,
+                d < bound,
                 "KL(reference ‖ q8) = {d} at position {pos} of {input:?}"
             );
         }
     }
     eprintln!("largest KL(reference ‖ q8) at the fixture positions: {worst:.5}");
+}
+
+/// The serving path (Q4_1 requantized to Q8_0): KL < 0.02.
+#[test]
+fn quantized_serving_path_keeps_argmax_and_small_kl() {
+    check_argmax_and_kl(q8_model(), 0.02);
+}
+
+/// The opt-in VNNI layout quantizes activations per 256 values (candle's
+/// repacked kernels); measured here: largest KL 0.023 at the fixture positions.
+#[test]
+fn vnni_padded_path_keeps_argmax_and_kl_under_0_05() {
+    check_argmax_and_kl(vnni_model(), 0.05);
 }
 
 /// The serving path's batched step (prompts of different lengths prefilled

@@ -78,12 +78,11 @@ fn q8_0_gguf_stays_close_to_f32() {
     tiny.write_gguf(&dir.path().join("q.gguf"), GgmlDType::Q8_0)
         .unwrap();
     let f = all_logits(&load(&dir.path().join("hf"), WeightFormat::F32), &IDS);
-    let q = all_logits(
-        &load(&dir.path().join("q.gguf"), WeightFormat::Quantized),
-        &IDS,
-    );
-    let d = max_abs_diff(&f, &q);
-    assert!(d > 0.0 && d < 0.1, "max |Δlogit| = {d}");
+    for format in [WeightFormat::Quantized, WeightFormat::QuantizedVnni] {
+        let q = all_logits(&load(&dir.path().join("q.gguf"), format), &IDS);
+        let d = max_abs_diff(&f, &q);
+        assert!(d > 0.0 && d < 0.1, "{format:?}: max |Δlogit| = {d}");
+    }
 }
 
 #[test]

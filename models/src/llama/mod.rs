@@ -116,7 +116,7 @@ impl Attention {
                     .reshape((kvh, rep * span.len, keys))?;
             }
             let att = candle_nn::ops::softmax_last_dim(&att)?;
-            let out = att.matmul(&v.contiguous()?)?; // (kvh, rep * len, hd)
+            let out = att.matmul(&v)?; // (kvh, rep * len, hd)
             outs.push(
                 out.reshape((h, span.len, hd))?
                     .transpose(0, 1)?
@@ -158,6 +158,7 @@ impl Llama {
         let (hidden, inter) = (cfg.hidden_size, cfg.intermediate_size);
         let (heads, kv_heads, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
         let gguf = ckpt.is_gguf();
+        let pad = format == WeightFormat::QuantizedVnni;
         let path = ckpt.path().to_path_buf();
         let tensor_err = move |source| LoadError::Tensor {
             path: path.clone(),
@@ -169,7 +170,7 @@ impl Llama {
                 ckpt.linear(&name, (out, inp), format, if gguf { rope } else { None })
             };
         let lin = |ckpt: &mut Checkpoint, name: String, out: usize, inp: usize| {
-            FrozenLinear::new(weight(ckpt, name, out, inp, None)?).map_err(&tensor_err)
+            FrozenLinear::new(weight(ckpt, name, out, inp, None)?, pad).map_err(&tensor_err)
         };
         let group =
             |ckpt: &mut Checkpoint, names: &[(&str, usize, Option<usize>)], p: &str, inp: usize| {
@@ -177,7 +178,7 @@ impl Llama {
                 for &(n, out, rope) in names {
                     ws.push(weight(ckpt, format!("{p}.{n}"), out, inp, rope)?);
                 }
-                LinearGroup::new(ws).map_err(&tensor_err)
+                LinearGroup::new(ws, pad).map_err(&tensor_err)
             };
         let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
@@ -232,7 +233,7 @@ impl Llama {
                 hidden,
             )?
         } else {
-            FrozenLinear::new(LinearWeight::Dense(embed.clone())).map_err(&tensor_err)?
+            FrozenLinear::new(LinearWeight::Dense(embed.clone()), pad).map_err(&tensor_err)?
         };
         let norm = RmsNorm::new(
             ckpt.dense("model.norm.weight", &[hidden])?,
