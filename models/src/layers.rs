@@ -7,6 +7,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Module, Result, Tensor, D};
 
 use crate::checkpoint::{concat_qtensor_rows, LinearWeight};
+use crate::kernels::q8_0::Q8Matrix;
 
 /// Whether candle's repacked Q8_0 kernels (AVX-512 VNNI or AVX-VNNI) are
 /// available here; they need the inner dimension to be a multiple of 256.
@@ -22,6 +23,15 @@ fn vnni_available() -> bool {
     }
 }
 
+/// How a frozen weight is held and multiplied.
+#[derive(Debug, Clone)]
+enum Weight {
+    /// candle's own matmul (dense tensors, quantized types other than Q8_0, GPU).
+    Candle(QMatMul),
+    /// Q8_0 on the CPU: attune's kernel (per-32 activation quantization).
+    Q8(Arc<Q8Matrix>),
+}
+
 /// Width candle's repacked quantized kernels work in.
 const REPACK_K: usize = 256;
 
@@ -29,7 +39,7 @@ const REPACK_K: usize = 256;
 /// or dense). Shared read-only by every user of the model.
 #[derive(Debug, Clone)]
 pub struct FrozenLinear {
-    weight: QMatMul,
+    weight: Weight,
     in_features: usize,
     /// With `WeightFormat::QuantizedVnni`, Q8_0 weights whose width is not a
     /// multiple of 256 are zero-padded so candle's VNNI kernels apply (about 2.5×
@@ -46,13 +56,22 @@ impl FrozenLinear {
             LinearWeight::Dense(t) => {
                 let in_features = t.dim(1)?;
                 Ok(Self {
-                    weight: QMatMul::Tensor(t),
+                    weight: Weight::Candle(QMatMul::Tensor(t)),
                     in_features,
                     padded_in: in_features,
                 })
             }
             LinearWeight::Quantized(q) => {
                 let (out, in_features) = q.shape().dims2()?;
+                if q.dtype() == GgmlDType::Q8_0 && q.device().is_cpu() && !pad_for_vnni {
+                    let m = Q8Matrix::from_gguf_bytes(&q.data()?, out, in_features)
+                        .map_err(candle_core::Error::msg)?;
+                    return Ok(Self {
+                        weight: Weight::Q8(Arc::new(m)),
+                        in_features,
+                        padded_in: in_features,
+                    });
+                }
                 let padded_in = in_features.next_multiple_of(REPACK_K);
                 let q = if q.dtype() == GgmlDType::Q8_0
                     && padded_in != in_features
@@ -69,7 +88,7 @@ impl FrozenLinear {
                 };
                 let padded_in = q.shape().dims2()?.1;
                 Ok(Self {
-                    weight: QMatMul::from_arc(Arc::new(q))?,
+                    weight: Weight::Candle(QMatMul::from_arc(Arc::new(q))?),
                     in_features,
                     padded_in,
                 })
@@ -83,11 +102,25 @@ impl FrozenLinear {
 
     /// `xs @ W^T` over the last dimension, any leading shape.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if self.padded_in > self.in_features {
-            let xs = xs.pad_with_zeros(D::Minus1, 0, self.padded_in - self.in_features)?;
-            self.weight.forward(&xs)
-        } else {
-            self.weight.forward(xs)
+        match &self.weight {
+            Weight::Q8(m) => {
+                let (n, k) = m.shape();
+                let mut dims = xs.dims().to_vec();
+                let rows = xs.elem_count() / k;
+                let x = xs
+                    .flatten_all()?
+                    .to_dtype(candle_core::DType::F32)?
+                    .to_vec1::<f32>()?;
+                let mut out = vec![0f32; rows * n];
+                m.matmul(&x, rows, &mut out);
+                *dims.last_mut().expect("at least one dimension") = n;
+                Tensor::from_vec(out, dims, xs.device())
+            }
+            Weight::Candle(w) if self.padded_in > self.in_features => {
+                let xs = xs.pad_with_zeros(D::Minus1, 0, self.padded_in - self.in_features)?;
+                w.forward(&xs)
+            }
+            Weight::Candle(w) => w.forward(xs),
         }
     }
 }

@@ -6,6 +6,7 @@ pub mod chat_template;
 pub mod checkpoint;
 pub mod error;
 pub mod generation;
+pub mod kernels;
 pub mod kv_cache;
 pub mod layers;
 pub mod llama;

@@ -136,6 +136,17 @@ fn best(runs: impl Iterator<Item = Result<Rates>>) -> Result<Rates> {
     Ok(best)
 }
 
+fn cells(r: Option<Rates>) -> [String; 3] {
+    match r {
+        Some(r) => [
+            format!("{:.1}", r.prefill_tok_s),
+            format!("{:.1}", r.decode_tok_s),
+            format!("{:.1}", r.decode_step_ms),
+        ],
+        None => [String::from("-"), String::from("-"), String::from("-")],
+    }
+}
+
 pub fn run(cfg: &Config, args: BenchArgs) -> Result<()> {
     if args.batch.is_empty()
         || args.batch.contains(&0)
@@ -148,6 +159,20 @@ pub fn run(cfg: &Config, args: BenchArgs) -> Result<()> {
     let loaded = super::load_model(cfg)?;
     let prompt = prompt_tokens(&loaded, args.prompt_tokens)?;
     let path = cfg.model.resolved_path();
+    // The same checkpoint in the other quantized layout, when that is meaningful.
+    let other = match cfg.model.weights.as_str() {
+        "quantized" | "quantized-vnni" if loaded.path.is_file() => {
+            let mut c = cfg.clone();
+            c.model.weights = if c.model.weights == "quantized" {
+                "quantized-vnni"
+            } else {
+                "quantized"
+            }
+            .into();
+            Some((c.model.weights.clone(), super::load_model(&c)?))
+        }
+        _ => None,
+    };
     let stock = if args.baseline && loaded.path.is_file() {
         let dir = tempfile::tempdir()?;
         let copy = dir.path().join("q8_0.gguf");
@@ -157,53 +182,54 @@ pub fn run(cfg: &Config, args: BenchArgs) -> Result<()> {
         None
     };
     println!(
-        "model {} ({} weights), {} threads, prompt {} tokens, {} decode steps, best of {}",
+        "model {}, {} threads, prompt {} tokens, {} decode steps, best of {}",
         path.display(),
-        cfg.model.weights,
         cfg.runtime.effective_threads(),
         args.prompt_tokens,
         args.decode_tokens,
         args.repeat
     );
     println!(
-        "{:>5} | {:>14} {:>14} {:>12} | {:>14} {:>14} {:>12} | {:>8} {:>8}",
-        "batch",
-        "prefill tok/s",
-        "decode tok/s",
-        "ms/step",
-        "stock prefill",
-        "stock decode",
-        "ms/step",
-        "prefill×",
-        "decode×"
+        "{:<26} {:>5} | {:>13} {:>12} {:>8} | {:>9} {:>9}",
+        "engine", "batch", "prefill tok/s", "decode tok/s", "ms/step", "prefill×", "decode×"
     );
     for &b in &args.batch {
-        let ours = pool.install(|| {
-            best(
-                (0..args.repeat)
-                    .map(|_| bench_attune(&loaded.model, &prompt, b, args.decode_tokens)),
-            )
-        })?;
+        let measure = |m: &Llama| {
+            pool.install(|| {
+                best((0..args.repeat).map(|_| bench_attune(m, &prompt, b, args.decode_tokens)))
+            })
+        };
+        let mut rows: Vec<(String, Rates)> = vec![(
+            format!("attune {}", cfg.model.weights),
+            measure(&loaded.model)?,
+        )];
+        if let Some((name, m)) = &other {
+            rows.push((format!("attune {name}"), measure(&m.model)?));
+        }
         let theirs = match &stock {
             Some((_, p)) => Some(pool.install(|| {
                 best((0..args.repeat).map(|_| bench_stock(p, &prompt, b, args.decode_tokens)))
             })?),
             None => None,
         };
-        let (sp, sd, sm, rp, rd) = match theirs {
-            Some(t) => (
-                format!("{:.1}", t.prefill_tok_s),
-                format!("{:.1}", t.decode_tok_s),
-                format!("{:.1}", t.decode_step_ms),
-                format!("{:.2}", ours.prefill_tok_s / t.prefill_tok_s),
-                format!("{:.2}", ours.decode_tok_s / t.decode_tok_s),
-            ),
-            None => Default::default(),
-        };
-        println!(
-            "{:>5} | {:>14.1} {:>14.1} {:>12.1} | {:>14} {:>14} {:>12} | {:>8} {:>8}",
-            b, ours.prefill_tok_s, ours.decode_tok_s, ours.decode_step_ms, sp, sd, sm, rp, rd
-        );
+        for (name, r) in &rows {
+            let [p, d, ms] = cells(Some(*r));
+            let (rp, rd) = match theirs {
+                Some(t) => (
+                    format!("{:.2}", r.prefill_tok_s / t.prefill_tok_s),
+                    format!("{:.2}", r.decode_tok_s / t.decode_tok_s),
+                ),
+                None => ("-".into(), "-".into()),
+            };
+            println!("{name:<26} {b:>5} | {p:>13} {d:>12} {ms:>8} | {rp:>9} {rd:>9}");
+        }
+        if theirs.is_some() {
+            let [p, d, ms] = cells(theirs);
+            println!(
+                "{:<26} {b:>5} | {p:>13} {d:>12} {ms:>8} | {:>9} {:>9}",
+                "candle quantized_llama", "1.00", "1.00"
+            );
+        }
     }
     Ok(())
 }
