@@ -78,10 +78,14 @@ fn q8_0_gguf_stays_close_to_f32() {
     tiny.write_gguf(&dir.path().join("q.gguf"), GgmlDType::Q8_0)
         .unwrap();
     let f = all_logits(&load(&dir.path().join("hf"), WeightFormat::F32), &IDS);
-    for format in [WeightFormat::Quantized, WeightFormat::QuantizedVnni] {
+    // The VNNI layout quantizes activations per 256 values, hence its looser bound.
+    for (format, bound) in [
+        (WeightFormat::Quantized, 0.1),
+        (WeightFormat::QuantizedVnni, 0.25),
+    ] {
         let q = all_logits(&load(&dir.path().join("q.gguf"), format), &IDS);
         let d = max_abs_diff(&f, &q);
-        assert!(d > 0.0 && d < 0.1, "{format:?}: max |Δlogit| = {d}");
+        assert!(d > 0.0 && d < bound, "{format:?}: max |Δlogit| = {d}");
     }
 }
 
