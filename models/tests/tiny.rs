@@ -288,3 +288,34 @@ fn tokenizer_that_does_not_fit_the_vocabulary_is_rejected() {
     );
     assert!(e.to_string().contains("vocabulary of 100"), "{e}");
 }
+
+#[test]
+fn cpu_attention_kernel_equals_the_tensor_path_for_prefill_decode_and_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    TinyModel::new(TinySpec::default())
+        .write_hf(dir.path())
+        .unwrap();
+    let kernel = load(dir.path(), WeightFormat::F32);
+    let mut tensor = load(dir.path(), WeightFormat::F32);
+    tensor.set_tensor_attention(true);
+    let run = |m: &Llama| {
+        let mut a = m.new_cache();
+        let mut b = m.new_cache();
+        // prefill two sequences of different lengths together, then decode both
+        let first = m
+            .forward(
+                &[&IDS[..5], &IDS[..2]],
+                &mut [&mut a, &mut b],
+                LogitsFor::All,
+            )
+            .unwrap();
+        let step = m
+            .forward(&[&[7], &[9]], &mut [&mut a, &mut b], LogitsFor::Last)
+            .unwrap();
+        (first, step)
+    };
+    let (k1, k2) = run(&kernel);
+    let (t1, t2) = run(&tensor);
+    assert!(max_abs_diff(&k1, &t1) < 1e-4);
+    assert!(max_abs_diff(&k2, &t2) < 1e-4);
+}

@@ -8,6 +8,8 @@
 
 use half::f16;
 
+use crate::kernels::SharedOut;
+
 /// Values per Q8_0 block.
 pub const BLOCK: usize = 32;
 /// Bytes of one GGUF Q8_0 block: an f16 scale then 32 int8 quants.
@@ -26,17 +28,20 @@ pub struct Q8Matrix {
     quants: Vec<i8>,
 }
 
-/// The output buffer shared by the pool's workers, each writing its own rows.
-struct SharedOut(*mut f32);
+/// One weight row: its quants and per-block scales.
+#[derive(Clone, Copy)]
+struct WeightRow<'a> {
+    quants: &'a [i8],
+    scales: &'a [f32],
+}
 
-// SAFETY: workers write disjoint rows (see `Q8Matrix::matmul`).
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    fn row(&self, row: usize, width: usize) -> *mut f32 {
-        // SAFETY: callers stay within the buffer (row < n).
-        unsafe { self.0.add(row * width) }
-    }
+/// Up to four consecutive activation rows, `first..first + rows`, each `k` wide.
+#[derive(Clone, Copy)]
+struct ActRows<'a> {
+    act: &'a Q8Rows,
+    first: usize,
+    rows: usize,
+    k: usize,
 }
 
 /// Activations quantized per 32 values.
@@ -69,7 +74,7 @@ fn quantize_rows(x: &[f32], m: usize, k: usize) -> Q8Rows {
 impl Q8Matrix {
     /// From the bytes of a GGUF Q8_0 tensor of shape `(n, k)`.
     pub fn from_gguf_bytes(bytes: &[u8], n: usize, k: usize) -> Result<Self, String> {
-        if k % BLOCK != 0 || bytes.len() != n * k / BLOCK * BLOCK_BYTES {
+        if !k.is_multiple_of(BLOCK) || bytes.len() != n * k / BLOCK * BLOCK_BYTES {
             return Err(format!(
                 "Q8_0 data of {} bytes does not fit shape ({n}, {k})",
                 bytes.len()
@@ -113,14 +118,22 @@ impl Q8Matrix {
             for row in rows {
                 // SAFETY: each row of `out_t` belongs to exactly one task, and
                 // `out_t` outlives this parallel region.
-                let out_row = unsafe { std::slice::from_raw_parts_mut(dst.row(row, m), m) };
-                let wq = &self.quants[row * k..(row + 1) * k];
-                let ws = &self.scales[row * kb..(row + 1) * kb];
+                let out_row = unsafe { std::slice::from_raw_parts_mut(dst.at(row * m), m) };
+                let w = WeightRow {
+                    quants: &self.quants[row * k..(row + 1) * k],
+                    scales: &self.scales[row * kb..(row + 1) * kb],
+                };
                 let mut i = 0;
                 while i < m {
                     let rows = (m - i).min(4);
                     let mut acc = [0f32; 4];
-                    dot_rows(wq, ws, &act, i, rows, k, &mut acc);
+                    let a = ActRows {
+                        act: &act,
+                        first: i,
+                        rows,
+                        k,
+                    };
+                    dot_rows(w, a, &mut acc);
                     out_row[i..i + rows].copy_from_slice(&acc[..rows]);
                     i += rows;
                 }
@@ -134,56 +147,40 @@ impl Q8Matrix {
     }
 }
 
-/// Dot products of one weight row with activation rows `first..first + rows`
-/// (`rows <= 4`).
-fn dot_rows(
-    wq: &[i8],
-    ws: &[f32],
-    act: &Q8Rows,
-    first: usize,
-    rows: usize,
-    k: usize,
-    acc: &mut [f32; 4],
-) {
+/// Dot products of one weight row with up to four activation rows.
+fn dot_rows(w: WeightRow, a: ActRows, acc: &mut [f32; 4]) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
             // SAFETY: the CPU supports AVX2 and FMA (checked above).
-            unsafe { avx2::dot_rows(wq, ws, act, first, rows, k, acc) };
+            unsafe { avx2::dot_rows(w, a, acc) };
             return;
         }
     }
-    dot_rows_scalar(wq, ws, act, first, rows, k, acc)
+    dot_rows_scalar(w, a, acc)
 }
 
-fn dot_rows_scalar(
-    wq: &[i8],
-    ws: &[f32],
-    act: &Q8Rows,
-    first: usize,
-    rows: usize,
-    k: usize,
-    acc: &mut [f32; 4],
-) {
-    let kb = k / BLOCK;
-    for (r, a) in acc.iter_mut().enumerate().take(rows) {
-        let aq = &act.quants[(first + r) * k..(first + r + 1) * k];
-        let as_ = &act.scales[(first + r) * kb..(first + r + 1) * kb];
+fn dot_rows_scalar(w: WeightRow, a: ActRows, acc: &mut [f32; 4]) {
+    let (k, kb) = (a.k, a.k / BLOCK);
+    for (r, out) in acc.iter_mut().enumerate().take(a.rows) {
+        let row = a.first + r;
+        let aq = &a.act.quants[row * k..(row + 1) * k];
+        let asc = &a.act.scales[row * kb..(row + 1) * kb];
         let mut sum = 0f32;
         for b in 0..kb {
             let s: i32 = (0..BLOCK)
-                .map(|l| wq[b * BLOCK + l] as i32 * aq[b * BLOCK + l] as i32)
+                .map(|l| w.quants[b * BLOCK + l] as i32 * aq[b * BLOCK + l] as i32)
                 .sum();
-            sum += s as f32 * ws[b] * as_[b];
+            sum += s as f32 * w.scales[b] * asc[b];
         }
-        *a = sum;
+        *out = sum;
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{Q8Rows, BLOCK};
+    use super::{ActRows, WeightRow, BLOCK};
     use std::arch::x86_64::*;
 
     #[inline]
@@ -210,30 +207,22 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot_rows(
-        wq: &[i8],
-        ws: &[f32],
-        act: &Q8Rows,
-        first: usize,
-        rows: usize,
-        k: usize,
-        acc: &mut [f32; 4],
-    ) {
-        let kb = k / BLOCK;
+    pub(super) unsafe fn dot_rows(w: WeightRow, a: ActRows, acc: &mut [f32; 4]) {
+        let (k, kb) = (a.k, a.k / BLOCK);
         let ones = _mm256_set1_epi16(1);
         let mut s = [_mm256_setzero_ps(); 4];
-        let aq = act.quants.as_ptr().add(first * k);
-        let asc = act.scales.as_ptr().add(first * kb);
+        let aq = a.act.quants.as_ptr().add(a.first * k);
+        let asc = a.act.scales.as_ptr().add(a.first * kb);
         for b in 0..kb {
-            let w = _mm256_loadu_si256(wq.as_ptr().add(b * BLOCK) as *const __m256i);
-            let wd = *ws.get_unchecked(b);
-            for (r, sr) in s.iter_mut().enumerate().take(rows) {
-                let a = _mm256_loadu_si256(aq.add(r * k + b * BLOCK) as *const __m256i);
+            let wv = _mm256_loadu_si256(w.quants.as_ptr().add(b * BLOCK) as *const __m256i);
+            let wd = *w.scales.get_unchecked(b);
+            for (r, sr) in s.iter_mut().enumerate().take(a.rows) {
+                let av = _mm256_loadu_si256(aq.add(r * k + b * BLOCK) as *const __m256i);
                 let d = _mm256_set1_ps(wd * *asc.add(r * kb + b));
-                *sr = _mm256_fmadd_ps(d, dot32(w, a, ones), *sr);
+                *sr = _mm256_fmadd_ps(d, dot32(wv, av, ones), *sr);
             }
         }
-        for r in 0..rows {
+        for r in 0..a.rows {
             acc[r] = hsum(s[r]);
         }
     }
@@ -282,11 +271,17 @@ mod tests {
                         "m={m} ({i},{j}): {got} vs {exact}"
                     );
                     let mut scalar = [0f32; 4];
-                    let (wq, ws) = (
-                        &m8.quants[j * k..(j + 1) * k],
-                        &m8.scales[j * k / BLOCK..(j + 1) * k / BLOCK],
-                    );
-                    dot_rows_scalar(wq, ws, &act, i, 1, k, &mut scalar);
+                    let w = WeightRow {
+                        quants: &m8.quants[j * k..(j + 1) * k],
+                        scales: &m8.scales[j * k / BLOCK..(j + 1) * k / BLOCK],
+                    };
+                    let a = ActRows {
+                        act: &act,
+                        first: i,
+                        rows: 1,
+                        k,
+                    };
+                    dot_rows_scalar(w, a, &mut scalar);
                     assert!(
                         (scalar[0] - got).abs() <= 1e-4 * magnitude,
                         "SIMD and scalar kernels agree"

@@ -54,6 +54,8 @@ struct StepRows<'a> {
     cos: Tensor,
     sin: Tensor,
     spans: &'a [Span],
+    /// Use the CPU attention kernel (f32 tensors on the CPU).
+    cpu_kernel: bool,
 }
 
 /// A LLaMA-family causal language model. Weights are read-only after load, so one
@@ -67,6 +69,9 @@ pub struct Llama {
     lm_head: FrozenLinear,
     rotary: Rotary,
     device: Device,
+    /// Attention through tensor ops even on the CPU (the path GPUs take); for
+    /// checking the CPU kernel against it.
+    tensor_attention: bool,
 }
 
 impl Attention {
@@ -92,17 +97,26 @@ impl Attention {
         let q = Rotary::apply(&heads_first(q, h)?, cos, sin)?;
         let k = Rotary::apply(&heads_first(k, kvh)?, cos, sin)?;
         let v = heads_first(v, kvh)?;
-        let rep = h / kvh;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let mut outs = Vec::with_capacity(spans.len());
+        // Append every sequence's new keys and values to its own cache first.
+        let mut kv = Vec::with_capacity(spans.len());
         for (span, cache) in spans.iter().zip(caches.iter_mut()) {
             let past = cache.len();
-            let q = q.narrow(1, span.offset, span.len)?;
             let (k, v) = cache.append(
                 layer,
                 &k.narrow(1, span.offset, span.len)?,
                 &v.narrow(1, span.offset, span.len)?,
             )?;
+            kv.push((past, k, v));
+        }
+        if rows.cpu_kernel && xs.device().is_cpu() && xs.dtype() == DType::F32 {
+            let out = self.attend_cpu(&q, spans, &kv, total)?;
+            return self.o.forward(&out);
+        }
+        let rep = h / kvh;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut outs = Vec::with_capacity(spans.len());
+        for (span, (past, k, v)) in spans.iter().zip(kv) {
+            let q = q.narrow(1, span.offset, span.len)?;
             let keys = past + span.len;
             // Group query heads by the KV head they share: (kv_heads, rep * len, hd),
             // so K and V are used as they are, never repeated.
@@ -130,6 +144,66 @@ impl Attention {
         };
         self.o.forward(&out)
     }
+}
+
+impl Attention {
+    /// The CPU path: attention for every sequence and head in one parallel
+    /// region, reading the caches' memory in place. `q`: `(heads, total, hd)`;
+    /// `kv[i]`: (positions before this step, keys, values) of sequence `i`.
+    fn attend_cpu(
+        &self,
+        q: &Tensor,
+        spans: &[Span],
+        kv: &[(usize, Tensor, Tensor)],
+        total: usize,
+    ) -> candle_core::Result<Tensor> {
+        use crate::kernels::attention::{causal_attention, AttentionShape, SeqAttention};
+
+        let q = q.contiguous()?;
+        let guards: Vec<_> = kv
+            .iter()
+            .map(|(_, k, v)| (k.storage_and_layout(), v.storage_and_layout()))
+            .collect();
+        let (q_storage, q_layout) = q.storage_and_layout();
+        let mut seqs = Vec::with_capacity(spans.len());
+        for ((span, (past, _, _)), ((ks, kl), (vs, vl))) in spans.iter().zip(kv).zip(&guards) {
+            seqs.push(SeqAttention {
+                first_row: span.offset,
+                len: span.len,
+                past: *past,
+                k: heads_view(ks, kl)?,
+                v: heads_view(vs, vl)?,
+            });
+        }
+        let shape = AttentionShape {
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            scale: 1.0 / (self.head_dim as f32).sqrt(),
+        };
+        let width = self.heads * self.head_dim;
+        let mut out = vec![0f32; total * width];
+        causal_attention(heads_view(&q_storage, q_layout)?, &seqs, shape, &mut out);
+        drop(guards);
+        Tensor::from_vec(out, (total, width), q.device())
+    }
+}
+
+/// A view of a CPU f32 tensor laid out `(heads, positions, head_dim)`.
+fn heads_view<'a>(
+    storage: &'a candle_core::Storage,
+    layout: &candle_core::Layout,
+) -> candle_core::Result<crate::kernels::attention::HeadsView<'a>> {
+    let candle_core::Storage::Cpu(cpu) = storage else {
+        candle_core::bail!("CPU attention on a non-CPU tensor")
+    };
+    let stride = layout.stride();
+    Ok(crate::kernels::attention::HeadsView {
+        data: cpu.as_slice::<f32>()?,
+        offset: layout.start_offset(),
+        head_stride: stride[0],
+        pos_stride: stride[1],
+    })
 }
 
 /// `(len, past + len)`: 0 where query `i` may see key `j` (`j <= past + i`), -inf
@@ -257,7 +331,14 @@ impl Llama {
             lm_head,
             rotary,
             device,
+            tensor_attention: false,
         })
+    }
+
+    /// Computes attention with tensor ops on every device (the GPU path) instead
+    /// of the CPU kernel. Slower on the CPU; for cross-checking.
+    pub fn set_tensor_attention(&mut self, on: bool) {
+        self.tensor_attention = on;
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -331,6 +412,7 @@ impl Llama {
             cos,
             sin,
             spans: &spans,
+            cpu_kernel: !self.tensor_attention,
         };
         let mut xs = self.embed.index_select(&ids, 0)?;
         for (layer, block) in self.blocks.iter().enumerate() {
