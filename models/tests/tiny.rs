@@ -319,3 +319,42 @@ fn cpu_attention_kernel_equals_the_tensor_path_for_prefill_decode_and_batches() 
     assert!(max_abs_diff(&k1, &t1) < 1e-4);
     assert!(max_abs_diff(&k2, &t2) < 1e-4);
 }
+
+#[test]
+fn sharded_half_precision_safetensors_load_like_the_single_f32_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = TinyModel::new(TinySpec::default());
+    let single = dir.path().join("single");
+    tiny.write_hf(&single).unwrap();
+    let reference = all_logits(&load(&single, WeightFormat::F32), &IDS);
+    for dtype in [candle_core::DType::F16, candle_core::DType::BF16] {
+        // Two shards plus the index, as LLaMA-7B checkpoints come.
+        let sharded = dir.path().join(format!("sharded-{dtype:?}"));
+        std::fs::create_dir_all(&sharded).unwrap();
+        for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+            std::fs::copy(single.join(f), sharded.join(f)).unwrap();
+        }
+        let mut shards: [std::collections::HashMap<String, Tensor>; 2] = Default::default();
+        let mut weight_map = serde_json::Map::new();
+        for (i, (name, t)) in tiny.tensors.iter().enumerate() {
+            let shard = i % 2;
+            shards[shard].insert(name.clone(), t.to_dtype(dtype).unwrap());
+            let file = format!("model-0000{}-of-00002.safetensors", shard + 1);
+            weight_map.insert(name.clone(), serde_json::Value::String(file));
+        }
+        for (i, shard) in shards.iter().enumerate() {
+            let file = sharded.join(format!("model-0000{}-of-00002.safetensors", i + 1));
+            candle_core::safetensors::save(shard, file).unwrap();
+        }
+        let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+        std::fs::write(
+            sharded.join("model.safetensors.index.json"),
+            index.to_string(),
+        )
+        .unwrap();
+        let got = all_logits(&load(&sharded, WeightFormat::F32), &IDS);
+        let d = max_abs_diff(&reference, &got);
+        assert!(d < 0.1, "{dtype:?}: max |Δlogit| = {d}");
+        LoadedModel::load(&LoadOptions::new(&sharded)).unwrap();
+    }
+}
