@@ -1,12 +1,12 @@
 # attune — the two commands a new user needs:
-#   make run    set up (build, fetch the default model) and start attune on it
+#   make run    set up (build, fetch the default model) and start the server on it
 #   make test   set up and run the whole test suite
 # Everything is idempotent; the model lands in $(ATTUNE_CACHE_DIR) (default ~/.cache/attune).
 
 CARGO ?= cargo
 PROMPT ?= What is the capital of France?
 
-.PHONY: run test build model bench fmt lint clean
+.PHONY: run generate test build model bench fmt lint
 
 build:
 	$(CARGO) build --release
@@ -15,6 +15,9 @@ model:
 	./scripts/fetch-model.sh
 
 run: build model
+	./target/release/attune serve
+
+generate: build model
 	./target/release/attune generate --prompt "$(PROMPT)"
 
 test: model

@@ -18,6 +18,8 @@ pub const ENV_ALIASES: &[(&str, &str)] = &[
     ("ATTUNE_WEIGHTS", "model.weights"),
     ("ATTUNE_DEVICE", "model.device"),
     ("ATTUNE_THREADS", "runtime.threads"),
+    ("ATTUNE_HOST", "server.host"),
+    ("ATTUNE_PORT", "server.port"),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -98,12 +100,68 @@ impl RuntimeConfig {
     }
 }
 
+/// The HTTP server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    pub host: String,
+    pub port: u16,
+    /// Largest request body accepted, in bytes (413 above it).
+    pub max_body_bytes: usize,
+    /// Largest `n` (choices per request).
+    pub max_n: usize,
+    /// Seconds in-flight requests get to finish after SIGTERM/Ctrl-C.
+    pub shutdown_grace_secs: u64,
+    /// The model name clients use; empty means the model file's name.
+    pub model_name: String,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            max_body_bytes: 1 << 20,
+            max_n: 8,
+            shutdown_grace_secs: 30,
+            model_name: String::new(),
+        }
+    }
+}
+
+/// The continuous-batching engine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    /// Sequences decoded together (each choice of a request is one sequence).
+    pub max_running: usize,
+    /// KV-cache positions reserved across running sequences (prompt + max tokens each).
+    pub max_kv_tokens: usize,
+    /// Requests waiting for admission; beyond it the server answers 429.
+    pub max_queue: usize,
+    /// Default `max_tokens` when a request gives none.
+    pub default_max_tokens: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_running: 16,
+            max_kv_tokens: 65_536,
+            max_queue: 64,
+            default_max_tokens: 256,
+        }
+    }
+}
+
 /// The whole configuration tree.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub model: ModelConfig,
     pub runtime: RuntimeConfig,
+    pub server: ServerConfig,
+    pub engine: EngineConfig,
 }
 
 /// `~/.cache/attune`, or `$XDG_CACHE_HOME/attune`.
@@ -316,6 +374,19 @@ impl Config {
                 "model.device",
                 format!("must be `cpu` or `cuda:N`, got `{dev}`"),
             ));
+        }
+        let positive = [
+            ("server.max_body_bytes", self.server.max_body_bytes),
+            ("server.max_n", self.server.max_n),
+            ("engine.max_running", self.engine.max_running),
+            ("engine.max_kv_tokens", self.engine.max_kv_tokens),
+            ("engine.max_queue", self.engine.max_queue),
+            ("engine.default_max_tokens", self.engine.default_max_tokens),
+        ];
+        for (key, v) in positive {
+            if v == 0 {
+                return Err(invalid(key, "must be at least 1".into()));
+            }
         }
         if self.runtime.threads > 4096 {
             return Err(invalid(

@@ -21,6 +21,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Serve the model over an OpenAI-compatible HTTP API.
+    Serve(ServeArgs),
     /// Generate a completion for one prompt and print it with token counts and speed.
     Generate(GenerateArgs),
     /// Measure prefill and decode throughput (tok/s) at several batch sizes.
@@ -108,4 +110,16 @@ pub struct BenchArgs {
     /// Repetitions; the best is reported.
     #[arg(long, default_value_t = 2)]
     pub repeat: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to listen on (config `server.host`, env ATTUNE_HOST).
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Port to listen on (config `server.port`, env ATTUNE_PORT).
+    #[arg(long)]
+    pub port: Option<u16>,
 }

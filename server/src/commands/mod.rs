@@ -3,6 +3,7 @@
 
 mod bench;
 mod generate;
+mod serve;
 
 use anyhow::{bail, Context, Result};
 use attune_config::{Config, ConfigBuilder};
@@ -16,6 +17,16 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => {
             let cfg = load_config(cli.config.as_deref(), &args.model)?;
             generate::run(&cfg, args)
+        }
+        Command::Serve(args) => {
+            let mut cfg = load_config(cli.config.as_deref(), &args.model)?;
+            if let Some(h) = args.host {
+                cfg.server.host = h;
+            }
+            if let Some(p) = args.port {
+                cfg.server.port = p;
+            }
+            serve::run(cfg)
         }
         Command::Bench(args) => {
             let cfg = load_config(cli.config.as_deref(), &args.model)?;

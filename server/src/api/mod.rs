@@ -1,0 +1,79 @@
+//! The OpenAI-compatible HTTP API: routes, wire types, and the server's start
+//! and graceful stop. Only this module knows the wire format.
+
+pub mod error;
+mod routes;
+pub mod validate;
+
+use std::sync::Arc;
+
+use actix_web::{web, App, HttpServer};
+use attune_config::Config;
+use attune_models::LoadedModel;
+
+use crate::engine::EngineHandle;
+
+/// What every handler shares.
+pub struct AppState {
+    pub engine: EngineHandle,
+    pub model: Arc<LoadedModel>,
+    pub model_name: String,
+    pub created: u64,
+    /// Names the weights serving requests (the base model until adapters land).
+    pub fingerprint: String,
+    pub limits: validate::Limits,
+    pub max_body_bytes: usize,
+}
+
+impl AppState {
+    /// Starts the engine thread on `model` and gathers what handlers need.
+    pub fn start(cfg: &Config, model: Arc<LoadedModel>) -> std::io::Result<Arc<Self>> {
+        let (engine, _join) = crate::engine::Engine::spawn(
+            model.clone(),
+            cfg.engine.clone(),
+            cfg.runtime.effective_threads(),
+        )?;
+        let model_name = if cfg.server.model_name.is_empty() {
+            model.name.clone()
+        } else {
+            cfg.server.model_name.clone()
+        };
+        let limits = validate::Limits {
+            model_name: model_name.clone(),
+            max_n: cfg.server.max_n,
+            default_max_tokens: cfg.engine.default_max_tokens,
+            context: model.model.max_context(),
+        };
+        Ok(Arc::new(Self {
+            engine,
+            fingerprint: format!("attune-base-{}", model.name),
+            model,
+            model_name,
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            limits,
+            max_body_bytes: cfg.server.max_body_bytes,
+        }))
+    }
+}
+
+/// Binds the server; the returned `Server` runs when awaited and stops on
+/// SIGTERM/Ctrl-C, giving in-flight requests `server.shutdown_grace_secs`.
+pub fn bind(
+    cfg: &Config,
+    state: Arc<AppState>,
+) -> std::io::Result<(actix_web::dev::Server, std::net::SocketAddr)> {
+    let data = web::Data::from(state);
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(data.clone())
+            .configure(routes::configure)
+    })
+    .shutdown_timeout(cfg.server.shutdown_grace_secs)
+    .workers(2)
+    .bind((cfg.server.host.as_str(), cfg.server.port))?;
+    let addr = server.addrs()[0];
+    Ok((server.run(), addr))
+}

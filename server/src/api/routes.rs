@@ -1,0 +1,355 @@
+//! Route handlers: `/v1/chat/completions` (JSON and SSE), `/v1/models`,
+//! `/health`, `/ready`.
+
+use std::sync::atomic::Ordering;
+
+use actix_web::{web, HttpResponse};
+use attune_models::{FinishReason, TokenLogprob};
+use futures_util::stream;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::validate::{chat_request, ValidChatRequest};
+use super::AppState;
+use crate::engine::{EngineEvent, GenerateRequest, SubmitError};
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/chat/completions", web::post().to(chat_completions))
+        .route("/v1/models", web::get().to(models))
+        .route("/health", web::get().to(health))
+        .route("/ready", web::get().to(ready));
+}
+
+async fn health() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "ok"}))
+}
+
+async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    if !state.engine.status().alive.load(Ordering::Acquire) {
+        return Err(ApiError::unavailable("The engine is not running"));
+    }
+    Ok(HttpResponse::Ok().json(json!({"status": "ready", "model": state.model_name})))
+}
+
+async fn models(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok().json(json!({
+        "object": "list",
+        "data": [{"id": state.model_name, "object": "model", "created": state.created, "owned_by": "attune"}],
+    }))
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// 128 random bits: the id is the handle for feedback, so it must not be guessable.
+fn completion_id() -> String {
+    format!("chatcmpl-{:032x}", rand::random::<u128>())
+}
+
+fn logprob_json(state: &AppState, lp: &TokenLogprob) -> Value {
+    let tok = |id: u32| {
+        state
+            .model
+            .tokenizer
+            .decode(&[id], false)
+            .unwrap_or_default()
+    };
+    let entry = |id: u32, l: f32| {
+        let t = tok(id);
+        json!({"token": t, "logprob": l, "bytes": t.as_bytes()})
+    };
+    let mut e = entry(lp.token, lp.logprob);
+    e["top_logprobs"] = Value::Array(lp.top.iter().map(|&(id, l)| entry(id, l)).collect());
+    e
+}
+
+struct Prepared {
+    request: GenerateRequest,
+    prompt_tokens: usize,
+}
+
+fn prepare(state: &AppState, req: &ValidChatRequest) -> Result<Prepared, ApiError> {
+    let text = state
+        .model
+        .template
+        .render(&req.messages, true)
+        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    let prompt = state
+        .model
+        .tokenizer
+        .encode(&text)
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let context = state.limits.context;
+    let room = context.saturating_sub(prompt.len());
+    let max_tokens = match req.max_tokens {
+        Some(m) if prompt.len() + m > context => {
+            return Err(ApiError::invalid(
+                "max_tokens",
+                format!(
+                    "The prompt has {} tokens and `max_tokens` is {m}: together more than the model's context of {context} tokens",
+                    prompt.len()
+                ),
+            ))
+        }
+        Some(m) => m,
+        None if room == 0 => {
+            return Err(ApiError::invalid(
+                "messages",
+                format!("The prompt has {} tokens, which fills the model's context of {context} tokens", prompt.len()),
+            ))
+        }
+        None => room.min(state.limits.default_max_tokens),
+    };
+    Ok(Prepared {
+        prompt_tokens: prompt.len(),
+        request: GenerateRequest {
+            prompt,
+            params: req.params.clone(),
+            max_tokens,
+            stop: req.stop.clone(),
+            n: req.n,
+        },
+    })
+}
+
+/// Reads the body, stopping with 413 as soon as it passes the limit.
+async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::BytesMut, ApiError> {
+    use futures_util::StreamExt;
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk
+            .map_err(|e| ApiError::bad_request(format!("Cannot read the request body: {e}")))?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::payload_too_large(limit));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+async fn chat_completions(
+    state: web::Data<AppState>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let body = read_body(payload, state.max_body_bytes).await?;
+    let value: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("The request body is not valid JSON: {e}")))?;
+    let req = chat_request(&value, &state.limits)?;
+    let prepared = prepare(&state, &req)?;
+    let prompt_tokens = prepared.prompt_tokens;
+    let events = state.engine.submit(prepared.request).map_err(|e| match e {
+        SubmitError::QueueFull => ApiError::overloaded(),
+        SubmitError::Stopped => ApiError::unavailable("The engine has stopped"),
+    })?;
+    let meta = Meta {
+        id: completion_id(),
+        created: unix_now(),
+        model: state.model_name.clone(),
+        fingerprint: state.fingerprint.clone(),
+        prompt_tokens,
+    };
+    if req.stream {
+        Ok(stream_response(state.into_inner(), req, meta, events))
+    } else {
+        collect_response(&state, &req, meta, events).await
+    }
+}
+
+struct Meta {
+    id: String,
+    created: u64,
+    model: String,
+    fingerprint: String,
+    prompt_tokens: usize,
+}
+
+#[derive(Default, Clone)]
+struct ChoiceAcc {
+    text: String,
+    logprobs: Vec<Value>,
+    finish: Option<FinishReason>,
+    tokens: usize,
+}
+
+async fn collect_response(
+    state: &AppState,
+    req: &ValidChatRequest,
+    meta: Meta,
+    mut events: tokio::sync::mpsc::Receiver<EngineEvent>,
+) -> Result<HttpResponse, ApiError> {
+    let mut choices = vec![ChoiceAcc::default(); req.n];
+    while choices.iter().any(|c| c.finish.is_none()) {
+        match events.recv().await {
+            Some(EngineEvent::Token {
+                choice,
+                text,
+                logprob,
+                ..
+            }) => {
+                let c = &mut choices[choice];
+                c.text.push_str(&text);
+                if let Some(lp) = logprob {
+                    c.logprobs.push(logprob_json(state, &lp));
+                }
+            }
+            Some(EngineEvent::Finished {
+                choice,
+                reason,
+                completion_tokens,
+            }) => {
+                choices[choice].finish = Some(reason);
+                choices[choice].tokens = completion_tokens;
+            }
+            Some(EngineEvent::Failed { message }) => return Err(ApiError::internal(message)),
+            None => return Err(ApiError::internal("The engine dropped the request")),
+        }
+    }
+    let completion_tokens: usize = choices.iter().map(|c| c.tokens).sum();
+    let choices: Vec<Value> = choices
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| {
+            json!({
+                "index": i,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": if req.logprobs { json!({"content": c.logprobs}) } else { Value::Null },
+                "finish_reason": c.finish.map(FinishReason::as_str),
+            })
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({
+        "id": meta.id,
+        "object": "chat.completion",
+        "created": meta.created,
+        "model": meta.model,
+        "system_fingerprint": meta.fingerprint,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": meta.prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": meta.prompt_tokens + completion_tokens,
+        },
+    })))
+}
+
+fn chunk(meta: &Meta, choices: Value) -> String {
+    let c = json!({
+        "id": meta.id,
+        "object": "chat.completion.chunk",
+        "created": meta.created,
+        "model": meta.model,
+        "system_fingerprint": meta.fingerprint,
+        "choices": choices,
+    });
+    format!("data: {c}\n\n")
+}
+
+/// State of an SSE stream between events.
+struct StreamState {
+    app: std::sync::Arc<AppState>,
+    events: tokio::sync::mpsc::Receiver<EngineEvent>,
+    meta: Meta,
+    started: Vec<bool>,
+    finished: usize,
+    n: usize,
+    completion_tokens: usize,
+    include_usage: bool,
+    logprobs: bool,
+    done: bool,
+}
+
+fn stream_response(
+    app: std::sync::Arc<AppState>,
+    req: ValidChatRequest,
+    meta: Meta,
+    events: tokio::sync::mpsc::Receiver<EngineEvent>,
+) -> HttpResponse {
+    let st = StreamState {
+        app,
+        events,
+        meta,
+        started: vec![false; req.n],
+        finished: 0,
+        n: req.n,
+        completion_tokens: 0,
+        include_usage: req.include_usage,
+        logprobs: req.logprobs,
+        done: false,
+    };
+    // Dropping this stream (client gone) drops the receiver: the engine cancels.
+    let body = stream::unfold(st, |mut st| async move {
+        if st.done {
+            return None;
+        }
+        let out = match st.events.recv().await {
+            Some(EngineEvent::Token {
+                choice,
+                text,
+                logprob,
+                ..
+            }) => {
+                let mut delta = json!({"content": text});
+                if !st.started[choice] {
+                    st.started[choice] = true;
+                    delta["role"] = json!("assistant");
+                }
+                let lp = match (&logprob, st.logprobs) {
+                    (Some(lp), true) => json!({"content": [logprob_json(&st.app, lp)]}),
+                    _ => Value::Null,
+                };
+                chunk(
+                    &st.meta,
+                    json!([{"index": choice, "delta": delta, "logprobs": lp, "finish_reason": null}]),
+                )
+            }
+            Some(EngineEvent::Finished {
+                choice,
+                reason,
+                completion_tokens,
+            }) => {
+                st.finished += 1;
+                st.completion_tokens += completion_tokens;
+                let mut s = chunk(
+                    &st.meta,
+                    json!([{"index": choice, "delta": {}, "logprobs": null, "finish_reason": reason.as_str()}]),
+                );
+                if st.finished == st.n {
+                    if st.include_usage {
+                        let mut usage: Value = serde_json::from_str(
+                            chunk(&st.meta, json!([]))
+                                .trim_start_matches("data: ")
+                                .trim(),
+                        )
+                        .unwrap_or(Value::Null);
+                        usage["usage"] = json!({
+                            "prompt_tokens": st.meta.prompt_tokens,
+                            "completion_tokens": st.completion_tokens,
+                            "total_tokens": st.meta.prompt_tokens + st.completion_tokens,
+                        });
+                        s.push_str(&format!("data: {usage}\n\n"));
+                    }
+                    s.push_str("data: [DONE]\n\n");
+                    st.done = true;
+                }
+                s
+            }
+            Some(EngineEvent::Failed { message }) => {
+                st.done = true;
+                ApiError::internal(message).sse_event()
+            }
+            None => {
+                st.done = true;
+                ApiError::internal("The engine dropped the request").sse_event()
+            }
+        };
+        Some((Ok::<_, actix_web::Error>(web::Bytes::from(out)), st))
+    });
+    HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header(("Cache-Control", "no-cache"))
+        .streaming(body)
+}
