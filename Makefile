@@ -6,7 +6,7 @@
 CARGO ?= cargo
 PROMPT ?= What is the capital of France?
 
-.PHONY: run generate test build model bench fmt lint
+.PHONY: run generate test test-deps build model bench fmt lint
 
 build:
 	$(CARGO) build --release
@@ -20,8 +20,12 @@ run: build model
 generate: build model
 	./target/release/attune generate --prompt "$(PROMPT)"
 
-test: model
+test: model test-deps
 	$(CARGO) test --workspace --all-targets
+
+# Python packages the tests drive attune with (the official OpenAI client).
+test-deps:
+	python3 -m pip install --disable-pip-version-check -q openai
 
 bench: build model
 	./target/release/attune bench

@@ -165,6 +165,26 @@ fn bad_requests_get_openai_error_json_with_the_right_status() {
         (chat(json!({"n": 100})), 400, Some("n")),
         (chat(json!({"max_tokens": 250})), 400, Some("max_tokens")),
         (chat(json!({"model": "gpt-9"})), 404, Some("model")),
+        ("[]".into(), 400, None),
+        ("".into(), 400, None),
+        (
+            chat(json!({"messages": [{"role": "user"}]})),
+            400,
+            Some("messages[0].content"),
+        ),
+        (
+            chat(json!({"messages": [{"role": "robot", "content": "x"}]})),
+            400,
+            Some("messages[0].role"),
+        ),
+        (chat(json!({"n": 1e300})), 400, Some("n")),
+        (chat(json!({"max_tokens": -5})), 400, Some("max_tokens")),
+        (
+            chat(json!({"stream_options": 5})),
+            400,
+            Some("stream_options"),
+        ),
+        (chat(json!({"top_k": -7})), 400, Some("top_k")),
         (
             chat(json!({"messages": [{"role": "user", "content": "x".repeat(5000)}]})),
             413,
@@ -189,6 +209,15 @@ fn bad_requests_get_openai_error_json_with_the_right_status() {
     // prompt + max_tokens over the context names both numbers
     let (_, text) = post(&s, &chat(json!({"max_tokens": 255})));
     assert!(text.contains("255") && text.contains("256"), "{text}");
+    // unknown fields and odd-but-valid values are accepted
+    assert_eq!(
+        post(
+            &s,
+            &chat(json!({"logit_bias": {"1": 5}, "seed": -1, "stop": "x"}))
+        )
+        .0,
+        200
+    );
     // the server still works afterwards
     assert_eq!(post(&s, &chat(json!({}))).0, 200);
 }

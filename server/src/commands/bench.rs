@@ -21,6 +21,17 @@ struct Rates {
     decode_step_ms: f64,
 }
 
+impl Rates {
+    /// From the seconds a batched prefill and `steps` decode steps took.
+    fn measured(batch: usize, prompt: usize, steps: usize, prefill: f64, decode: f64) -> Self {
+        Self {
+            prefill_tok_s: (batch * prompt) as f64 / prefill,
+            decode_tok_s: (batch * steps) as f64 / decode,
+            decode_step_ms: decode * 1e3 / steps as f64,
+        }
+    }
+}
+
 /// A deterministic prompt of exactly `n` tokens.
 fn prompt_tokens(loaded: &LoadedModel, n: usize) -> Result<Vec<u32>> {
     let text =
@@ -51,11 +62,7 @@ fn bench_attune(model: &Llama, prompt: &[u32], batch: usize, steps: usize) -> Re
         next = argmax_rows(&logits)?;
     }
     let decode = t.elapsed().as_secs_f64();
-    Ok(Rates {
-        prefill_tok_s: (batch * prompt.len()) as f64 / prefill,
-        decode_tok_s: (batch * steps) as f64 / decode,
-        decode_step_ms: decode * 1e3 / steps as f64,
-    })
+    Ok(Rates::measured(batch, prompt.len(), steps, prefill, decode))
 }
 
 /// Writes the GGUF with Q4_1/Q5_x tensors requantized to Q8_0, as attune's loader
@@ -116,11 +123,7 @@ fn bench_stock(
         next = argmax_rows(&logits)?;
     }
     let decode = t.elapsed().as_secs_f64();
-    Ok(Rates {
-        prefill_tok_s: (batch * prompt.len()) as f64 / prefill,
-        decode_tok_s: (batch * steps) as f64 / decode,
-        decode_step_ms: decode * 1e3 / steps as f64,
-    })
+    Ok(Rates::measured(batch, prompt.len(), steps, prefill, decode))
 }
 
 fn best(runs: impl Iterator<Item = Result<Rates>>) -> Result<Rates> {
