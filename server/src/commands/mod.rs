@@ -51,7 +51,19 @@ pub fn load_config(file: Option<&std::path::Path>, flags: &ModelArgs) -> Result<
     if let Some(t) = flags.threads {
         b.set("runtime.threads", &t.to_string(), "flag --threads")?;
     }
-    Ok(b.build()?)
+    let cfg = b.build()?;
+    size_candle_pool(&cfg);
+    Ok(cfg)
+}
+
+/// candle runs its quantized and element-wise CPU kernels (and attune's, which
+/// share it) on one process-wide worker pool, created at first use and sized
+/// from `CANDLE_NUM_THREADS`; make `runtime.threads` size it too. Runs before
+/// any tensor work and before any other thread exists.
+fn size_candle_pool(cfg: &Config) {
+    if cfg.runtime.threads > 0 && std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", cfg.runtime.threads.to_string());
+    }
 }
 
 pub fn device(cfg: &Config) -> Result<Device> {
