@@ -112,7 +112,6 @@ impl Q8Matrix {
         // as it runs candle's kernels: one set of spinning workers, no wake-ups.
         let mut out_t = vec![0f32; n * m];
         let dst = SharedOut(out_t.as_mut_ptr());
-        let dot_rows = dot_rows_kernel();
         let tasks = n.div_ceil(ROWS_PER_TASK);
         candle_core::utils::barrier_pool().execute_chunked(tasks, |range| {
             let rows = range.start * ROWS_PER_TASK..(range.end * ROWS_PER_TASK).min(n);
@@ -149,25 +148,17 @@ impl Q8Matrix {
 }
 
 /// Dot products of one weight row with up to four activation rows.
-type DotRows = fn(WeightRow, ActRows, &mut [f32; 4]);
-
-/// The best kernel this CPU runs, chosen once.
-fn dot_rows_kernel() -> DotRows {
-    static KERNEL: std::sync::OnceLock<DotRows> = std::sync::OnceLock::new();
-    *KERNEL.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
+fn dot_rows(w: WeightRow, a: ActRows, acc: &mut [f32; 4]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                return |w, a, acc| {
-                    // SAFETY: chosen only where AVX2 and FMA exist.
-                    unsafe { avx2::dot_rows(w, a, acc) }
-                };
-            }
+            // SAFETY: the CPU supports AVX2 and FMA (checked above).
+            unsafe { avx2::dot_rows(w, a, acc) };
+            return;
         }
-        dot_rows_scalar
-    })
+    }
+    dot_rows_scalar(w, a, acc)
 }
 
 fn dot_rows_scalar(w: WeightRow, a: ActRows, acc: &mut [f32; 4]) {
@@ -204,11 +195,12 @@ mod avx2 {
     }
 
     /// 32 int8 × int8 products summed into 8 i32 lanes, as f32: the sign of
-    /// `w` moves onto `a` so `maddubs` (unsigned × signed) applies; `aw` is
-    /// `|w|`. Quants are in [-127, 127], so the i16 pair sums cannot saturate.
+    /// `w` moves onto `a` so `maddubs` (unsigned × signed) applies. Quants are in
+    /// [-127, 127], so the i16 pair sums cannot saturate.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot32(aw: __m256i, w: __m256i, a: __m256i, ones: __m256i) -> __m256 {
+    unsafe fn dot32(w: __m256i, a: __m256i, ones: __m256i) -> __m256 {
+        let aw = _mm256_sign_epi8(w, w);
         let sa = _mm256_sign_epi8(a, w);
         let p16 = _mm256_maddubs_epi16(aw, sa);
         _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones))
@@ -223,12 +215,11 @@ mod avx2 {
         let asc = a.act.scales.as_ptr().add(a.first * kb);
         for b in 0..kb {
             let wv = _mm256_loadu_si256(w.quants.as_ptr().add(b * BLOCK) as *const __m256i);
-            let aw = _mm256_sign_epi8(wv, wv);
             let wd = *w.scales.get_unchecked(b);
             for (r, sr) in s.iter_mut().enumerate().take(a.rows) {
                 let av = _mm256_loadu_si256(aq.add(r * k + b * BLOCK) as *const __m256i);
                 let d = _mm256_set1_ps(wd * *asc.add(r * kb + b));
-                *sr = _mm256_fmadd_ps(d, dot32(aw, wv, av, ones), *sr);
+                *sr = _mm256_fmadd_ps(d, dot32(wv, av, ones), *sr);
             }
         }
         for r in 0..a.rows {
