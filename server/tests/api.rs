@@ -1,46 +1,15 @@
 //! The real HTTP server, started in-process on port 0 over a tiny random
 //! model, driven by a real HTTP client.
 
+mod common;
+
 use std::sync::Arc;
 
 use attune_config::Config;
-use attune_models::testing::{TinyModel, TinySpec};
-use attune_models::{LoadOptions, LoadedModel};
-use attune_server::api::{self, AppState};
 use serde_json::{json, Value};
 
-struct Server {
-    base: String,
-    state: Arc<AppState>,
-    _dir: tempfile::TempDir,
-}
-
-fn start(mut cfg: Config) -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    TinyModel::new(TinySpec::default())
-        .write_hf(dir.path())
-        .unwrap();
-    let model = Arc::new(LoadedModel::load(&LoadOptions::new(dir.path())).unwrap());
-    cfg.server.port = 0;
-    cfg.server.model_name = "tiny".into();
-    cfg.runtime.threads = 1;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let sys = actix_web::rt::System::new();
-        sys.block_on(async move {
-            let state = AppState::start(&cfg, model).unwrap();
-            let (server, addr) = api::bind(&cfg, state.clone()).unwrap();
-            tx.send((addr, state)).unwrap();
-            server.await.unwrap();
-        });
-    });
-    let (addr, state) = rx.recv().unwrap();
-    Server {
-        base: format!("http://{addr}"),
-        state,
-        _dir: dir,
-    }
-}
+type Server = common::TestServer;
+use common::start;
 
 fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
@@ -51,7 +20,7 @@ fn agent() -> ureq::Agent {
 
 fn post(s: &Server, body: &str) -> (u16, String) {
     let mut r = agent()
-        .post(&format!("{}/v1/chat/completions", s.base))
+        .post(&format!("{}/v1/chat/completions", s.base()))
         .header("content-type", "application/json")
         .send(body)
         .unwrap();
@@ -226,7 +195,7 @@ fn bad_requests_get_openai_error_json_with_the_right_status() {
 fn health_ready_and_models() {
     let s = start(Config::default());
     let get = |p: &str| {
-        let mut r = agent().get(&format!("{}{p}", s.base)).call().unwrap();
+        let mut r = agent().get(&format!("{}{p}", s.base())).call().unwrap();
         (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
     };
     assert_eq!(get("/health").0, 200);
@@ -259,7 +228,7 @@ fn a_full_queue_answers_429_with_retry_after_and_recovers() {
             let (s, body) = (s.clone(), long.clone());
             std::thread::spawn(move || {
                 let r = agent()
-                    .post(&format!("{}/v1/chat/completions", s.base))
+                    .post(&format!("{}/v1/chat/completions", s.base()))
                     .header("content-type", "application/json")
                     .send(&body)
                     .unwrap();
@@ -286,7 +255,7 @@ fn a_full_queue_answers_429_with_retry_after_and_recovers() {
 fn a_client_that_disconnects_frees_its_sequence() {
     use std::io::{BufRead, BufReader, Write};
     let s = start(Config::default());
-    let addr = s.base.trim_start_matches("http://").to_string();
+    let addr = s.base().trim_start_matches("http://").to_string();
     let body = chat(
         json!({"max_tokens": 200, "stream": true, "messages": [{"role": "user", "content": "x"}]}),
     );

@@ -1,13 +1,11 @@
 //! The official `openai` Python client talks to attune unchanged: a completion,
 //! a stream, and an error surfaced as the client's own exception type.
 
+mod common;
+
 use std::process::Command;
-use std::sync::Arc;
 
 use attune_config::Config;
-use attune_models::testing::{TinyModel, TinySpec};
-use attune_models::{LoadOptions, LoadedModel};
-use attune_server::api::{self, AppState};
 
 const SCRIPT: &str = r#"
 import sys, openai
@@ -44,25 +42,8 @@ fn the_official_openai_python_client_works_unchanged() {
         matches!(have, Ok(true)),
         "the Python package `openai` is needed: python3 -m pip install openai (make test installs it)"
     );
-    let dir = tempfile::tempdir().unwrap();
-    TinyModel::new(TinySpec::default())
-        .write_hf(dir.path())
-        .unwrap();
-    let model = Arc::new(LoadedModel::load(&LoadOptions::new(dir.path())).unwrap());
-    let mut cfg = Config::default();
-    cfg.server.port = 0;
-    cfg.server.model_name = "tiny".into();
-    cfg.runtime.threads = 1;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        actix_web::rt::System::new().block_on(async move {
-            let state = AppState::start(&cfg, model).unwrap();
-            let (server, addr) = api::bind(&cfg, state).unwrap();
-            tx.send(addr).unwrap();
-            server.await.unwrap();
-        });
-    });
-    let addr = rx.recv().unwrap();
+    let server = common::start(Config::default());
+    let addr = server.addr;
     let out = Command::new("python3")
         .args(["-c", SCRIPT, &format!("http://{addr}/v1")])
         .output()
