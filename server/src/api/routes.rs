@@ -236,16 +236,20 @@ async fn collect_response(
     })))
 }
 
-fn chunk(meta: &Meta, choices: Value) -> String {
-    let c = json!({
+fn chunk_json(meta: &Meta, choices: Value) -> Value {
+    json!({
         "id": meta.id,
         "object": "chat.completion.chunk",
         "created": meta.created,
         "model": meta.model,
         "system_fingerprint": meta.fingerprint,
         "choices": choices,
-    });
-    format!("data: {c}\n\n")
+    })
+}
+
+/// One SSE event carrying a chunk.
+fn chunk(meta: &Meta, choices: Value) -> String {
+    format!("data: {}\n\n", chunk_json(meta, choices))
 }
 
 /// State of an SSE stream between events.
@@ -319,12 +323,7 @@ fn stream_response(
                 );
                 if st.finished == st.n {
                     if st.include_usage {
-                        let mut usage: Value = serde_json::from_str(
-                            chunk(&st.meta, json!([]))
-                                .trim_start_matches("data: ")
-                                .trim(),
-                        )
-                        .unwrap_or(Value::Null);
+                        let mut usage = chunk_json(&st.meta, json!([]));
                         usage["usage"] = json!({
                             "prompt_tokens": st.meta.prompt_tokens,
                             "completion_tokens": st.completion_tokens,
