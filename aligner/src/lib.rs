@@ -1,6 +1,8 @@
-//! attune-aligner: turns logged preferences into LoRA adapter generations (CLHA).
-//! The preference store, the loss and the aligner thread land with their issues;
-//! for now the crate only fixes its place in the workspace.
+//! attune-aligner: turns logged preferences into LoRA adapter generations
+//! (CLHA). It owns the preference store the server logs completions and
+//! feedback into; the loss, the training loop and the aligner thread land
+//! with their issues.
 
-/// The objective the aligner optimises, named as in `design/clha.md`.
-pub const OBJECTIVE: &str = "clha";
+pub mod store;
+
+pub use store::{Store, StoreError};

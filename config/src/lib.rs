@@ -20,6 +20,7 @@ pub const ENV_ALIASES: &[(&str, &str)] = &[
     ("ATTUNE_THREADS", "runtime.threads"),
     ("ATTUNE_HOST", "server.host"),
     ("ATTUNE_PORT", "server.port"),
+    ("ATTUNE_STORE", "store.path"),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -154,6 +155,34 @@ impl Default for EngineConfig {
     }
 }
 
+/// The preference store: completions served, and the feedback on them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// The SQLite database file (created with its folder when missing).
+    pub path: PathBuf,
+    /// Completions older than this many days are deleted unless feedback
+    /// refers to them; 0 keeps them forever.
+    pub retention_days: u64,
+    /// At most this many completions are kept (the oldest unreferenced ones go
+    /// first); 0 means no limit.
+    pub retention_max_completions: u64,
+    /// Writes waiting for the writer thread; beyond it writes are refused
+    /// (the API answers 503) rather than queued without bound.
+    pub queue: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            path: default_data_dir().join("store.sqlite3"),
+            retention_days: 30,
+            retention_max_completions: 1_000_000,
+            queue: 1024,
+        }
+    }
+}
+
 /// The whole configuration tree.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -162,6 +191,7 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     pub server: ServerConfig,
     pub engine: EngineConfig,
+    pub store: StoreConfig,
 }
 
 /// `~/.cache/attune`, or `$XDG_CACHE_HOME/attune`.
@@ -173,6 +203,17 @@ pub fn default_cache_dir() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("attune")
+}
+
+/// `~/.local/share/attune`, or `$XDG_DATA_HOME/attune`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
+        return PathBuf::from(x).join("attune");
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
+    home.join(".local").join("share").join("attune")
 }
 
 /// Builds a [`Config`] layer by layer.
@@ -382,11 +423,15 @@ impl Config {
             ("engine.max_kv_tokens", self.engine.max_kv_tokens),
             ("engine.max_queue", self.engine.max_queue),
             ("engine.default_max_tokens", self.engine.default_max_tokens),
+            ("store.queue", self.store.queue),
         ];
         for (key, v) in positive {
             if v == 0 {
                 return Err(invalid(key, "must be at least 1".into()));
             }
+        }
+        if self.store.path.as_os_str().is_empty() {
+            return Err(invalid("store.path", "must name a file".into()));
         }
         if self.runtime.threads > 4096 {
             return Err(invalid(
