@@ -27,6 +27,50 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Measure prefill and decode throughput (tok/s) at several batch sizes.
     Bench(BenchArgs),
+    /// Import, export or count preference records in the store.
+    #[command(subcommand)]
+    Feedback(FeedbackCommand),
+}
+
+/// The preference store's location (overrides `store.path`).
+#[derive(Debug, Args, Clone, Default)]
+pub struct StoreArgs {
+    /// The SQLite store (config `store.path`, env ATTUNE_STORE);
+    /// default: ~/.local/share/attune/store.sqlite3.
+    #[arg(long)]
+    pub store: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FeedbackCommand {
+    /// Import preference records from JSON lines (plain or .gz): HH-RLHF
+    /// `{"chosen", "rejected"}` dialogues or ranked
+    /// `{"prompt": [messages], "responses": [...], "ranking": [...]}`.
+    Import {
+        file: PathBuf,
+        /// `auto` (by each line's keys), `hh-rlhf` or `ranked`.
+        #[arg(long, default_value = "auto")]
+        format: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Write every record as ranked JSON lines (responses best first), which
+    /// `import` reads back.
+    Export {
+        /// Output file; default: standard output.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// Only records with an id above this one.
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Print counts of completions, records and pairs by kind and generation.
+    Stats {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
 }
 
 /// Model selection flags shared by commands (override `model.*` and `runtime.*`).
@@ -122,4 +166,6 @@ pub struct ServeArgs {
     /// Port to listen on (config `server.port`, env ATTUNE_PORT).
     #[arg(long)]
     pub port: Option<u16>,
+    #[command(flatten)]
+    pub store: StoreArgs,
 }

@@ -33,6 +33,7 @@ fn sigterm_drains_in_flight_requests_and_exits_zero() {
         .args(["serve", "--port", "0", "--threads", "1", "--model"])
         .arg(dir.path())
         .env("ATTUNE_SERVER__SHUTDOWN_GRACE_SECS", "20")
+        .env("ATTUNE_STORE", dir.path().join("store.sqlite3"))
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();

@@ -4,6 +4,7 @@
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
+use attune_aligner::store::{FeedbackError, StoreError};
 use serde_json::json;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -93,6 +94,16 @@ impl ApiError {
         }
     }
 
+    pub fn not_found(param: &str, message: impl Into<String>, code: &'static str) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: Some(param.to_string()),
+            code: Some(code),
+        }
+    }
+
     pub fn body(&self) -> serde_json::Value {
         json!({"error": {
             "message": self.message,
@@ -108,6 +119,44 @@ impl ApiError {
     }
 }
 
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Busy => Self {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                message: "The preference store is at capacity; retry shortly".into(),
+                kind: "server_error",
+                param: None,
+                code: Some("store_busy"),
+            },
+            other => ApiError::internal(other.to_string()),
+        }
+    }
+}
+
+impl From<FeedbackError> for ApiError {
+    fn from(e: FeedbackError) -> Self {
+        let message = e.to_string();
+        match e {
+            FeedbackError::UnknownCompletion { .. } => {
+                ApiError::not_found("completion_id", message, "completion_not_found")
+            }
+            FeedbackError::IdempotencyConflict { .. } => Self {
+                status: StatusCode::CONFLICT,
+                message,
+                kind: "invalid_request_error",
+                param: Some("idempotency_key".into()),
+                code: Some("idempotency_key_reused"),
+            },
+            FeedbackError::Store(s) => s.into(),
+            FeedbackError::ChoiceOutOfRange { .. }
+            | FeedbackError::DuplicateCandidate { .. }
+            | FeedbackError::TooFewCandidates { .. }
+            | FeedbackError::DifferentPrompts { .. } => ApiError::bad_request(message),
+        }
+    }
+}
+
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         self.status
@@ -115,7 +164,10 @@ impl ResponseError for ApiError {
 
     fn error_response(&self) -> HttpResponse {
         let mut r = HttpResponse::build(self.status);
-        if self.status == StatusCode::TOO_MANY_REQUESTS {
+        if matches!(
+            self.status,
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+        ) {
             r.insert_header(("Retry-After", "1"));
         }
         r.json(self.body())

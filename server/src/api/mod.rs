@@ -2,12 +2,14 @@
 //! and graceful stop. Only this module knows the wire format.
 
 pub mod error;
+mod feedback;
 mod routes;
 pub mod validate;
 
 use std::sync::Arc;
 
 use actix_web::{web, App, HttpServer};
+use attune_aligner::{Store, StoreError};
 use attune_config::Config;
 use attune_models::LoadedModel;
 
@@ -23,11 +25,25 @@ pub struct AppState {
     pub fingerprint: String,
     pub limits: validate::Limits,
     pub max_body_bytes: usize,
+    /// Completions served and feedback on them.
+    pub store: Store,
+    /// The adapter generation serving requests (0: the base model).
+    pub generation: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot start the engine thread: {0}")]
+    Engine(#[from] std::io::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 impl AppState {
-    /// Starts the engine thread on `model` and gathers what handlers need.
-    pub fn start(cfg: &Config, model: Arc<LoadedModel>) -> std::io::Result<Arc<Self>> {
+    /// Opens the store, starts the engine thread on `model` and gathers what
+    /// handlers need.
+    pub fn start(cfg: &Config, model: Arc<LoadedModel>) -> Result<Arc<Self>, StartError> {
+        let store = Store::open(&cfg.store)?;
         let (engine, _join) = crate::engine::Engine::spawn(
             model.clone(),
             cfg.engine.clone(),
@@ -55,6 +71,8 @@ impl AppState {
                 .unwrap_or(0),
             limits,
             max_body_bytes: cfg.server.max_body_bytes,
+            store,
+            generation: 0,
         }))
     }
 }

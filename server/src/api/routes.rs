@@ -1,9 +1,11 @@
 //! Route handlers: `/v1/chat/completions` (JSON and SSE), `/v1/models`,
-//! `/health`, `/ready`.
+//! `/health`, `/ready`. Every completion served is logged to the preference
+//! store before its response ends, so feedback can name it.
 
 use std::sync::atomic::Ordering;
 
 use actix_web::{web, HttpResponse};
+use attune_aligner::store::{ChoiceRecord, CompletionRecord};
 use attune_models::{FinishReason, TokenLogprob};
 use futures_util::stream;
 use serde_json::{json, Value};
@@ -17,7 +19,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/chat/completions", web::post().to(chat_completions))
         .route("/v1/models", web::get().to(models))
         .route("/health", web::get().to(health))
-        .route("/ready", web::get().to(ready));
+        .route("/ready", web::get().to(ready))
+        .configure(super::feedback::configure);
 }
 
 async fn health() -> HttpResponse {
@@ -70,6 +73,8 @@ fn logprob_json(state: &AppState, lp: &TokenLogprob) -> Value {
 struct Prepared {
     request: GenerateRequest,
     prompt_tokens: usize,
+    /// The prompt as the chat template rendered it.
+    prompt_text: String,
 }
 
 fn prepare(state: &AppState, req: &ValidChatRequest) -> Result<Prepared, ApiError> {
@@ -106,6 +111,7 @@ fn prepare(state: &AppState, req: &ValidChatRequest) -> Result<Prepared, ApiErro
     };
     Ok(Prepared {
         prompt_tokens: prompt.len(),
+        prompt_text: text,
         request: GenerateRequest {
             prompt,
             params: req.params.clone(),
@@ -117,7 +123,7 @@ fn prepare(state: &AppState, req: &ValidChatRequest) -> Result<Prepared, ApiErro
 }
 
 /// Reads the body, stopping with 413 as soon as it passes the limit.
-async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::BytesMut, ApiError> {
+pub(super) async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::BytesMut, ApiError> {
     use futures_util::StreamExt;
     let mut body = web::BytesMut::new();
     while let Some(chunk) = payload.next().await {
@@ -141,21 +147,23 @@ async fn chat_completions(
     let req = chat_request(&value, &state.limits)?;
     let prepared = prepare(&state, &req)?;
     let prompt_tokens = prepared.prompt_tokens;
+    let id = completion_id();
+    let transcript = Transcript::new(&state, &req, &id, &prepared);
     let events = state.engine.submit(prepared.request).map_err(|e| match e {
         SubmitError::QueueFull => ApiError::overloaded(),
         SubmitError::Stopped => ApiError::unavailable("The engine has stopped"),
     })?;
     let meta = Meta {
-        id: completion_id(),
+        id,
         created: unix_now(),
         model: state.model_name.clone(),
         fingerprint: state.fingerprint.clone(),
         prompt_tokens,
     };
     if req.stream {
-        Ok(stream_response(state.into_inner(), req, meta, events))
+        Ok(stream_response(state.into_inner(), req, meta, events, transcript))
     } else {
-        collect_response(&state, &req, meta, events).await
+        collect_response(&state, &req, meta, events, transcript).await
     }
 }
 
@@ -180,16 +188,18 @@ async fn collect_response(
     req: &ValidChatRequest,
     meta: Meta,
     mut events: tokio::sync::mpsc::Receiver<EngineEvent>,
+    mut transcript: Transcript,
 ) -> Result<HttpResponse, ApiError> {
     let mut choices = vec![ChoiceAcc::default(); req.n];
     while choices.iter().any(|c| c.finish.is_none()) {
         match events.recv().await {
             Some(EngineEvent::Token {
                 choice,
+                token,
                 text,
                 logprob,
-                ..
             }) => {
+                transcript.token(choice, token, &text);
                 let c = &mut choices[choice];
                 c.text.push_str(&text);
                 if let Some(lp) = logprob {
@@ -201,6 +211,7 @@ async fn collect_response(
                 reason,
                 completion_tokens,
             }) => {
+                transcript.finish(choice, reason);
                 choices[choice].finish = Some(reason);
                 choices[choice].tokens = completion_tokens;
             }
@@ -208,6 +219,7 @@ async fn collect_response(
             None => return Err(ApiError::internal("The engine dropped the request")),
         }
     }
+    transcript.log(state).await;
     let completion_tokens: usize = choices.iter().map(|c| c.tokens).sum();
     let choices: Vec<Value> = choices
         .into_iter()
@@ -264,6 +276,7 @@ struct StreamState {
     include_usage: bool,
     logprobs: bool,
     done: bool,
+    transcript: Option<Transcript>,
 }
 
 fn stream_response(
@@ -271,6 +284,7 @@ fn stream_response(
     req: ValidChatRequest,
     meta: Meta,
     events: tokio::sync::mpsc::Receiver<EngineEvent>,
+    transcript: Transcript,
 ) -> HttpResponse {
     let st = StreamState {
         app,
@@ -283,6 +297,7 @@ fn stream_response(
         include_usage: req.include_usage,
         logprobs: req.logprobs,
         done: false,
+        transcript: Some(transcript),
     };
     // Dropping this stream (client gone) drops the receiver: the engine cancels.
     let body = stream::unfold(st, |mut st| async move {
@@ -292,10 +307,13 @@ fn stream_response(
         let out = match st.events.recv().await {
             Some(EngineEvent::Token {
                 choice,
+                token,
                 text,
                 logprob,
-                ..
             }) => {
+                if let Some(t) = &mut st.transcript {
+                    t.token(choice, token, &text);
+                }
                 let mut delta = json!({"content": text});
                 if !st.started[choice] {
                     st.started[choice] = true;
@@ -317,11 +335,18 @@ fn stream_response(
             }) => {
                 st.finished += 1;
                 st.completion_tokens += completion_tokens;
+                if let Some(t) = &mut st.transcript {
+                    t.finish(choice, reason);
+                }
                 let mut s = chunk(
                     &st.meta,
                     json!([{"index": choice, "delta": {}, "logprobs": null, "finish_reason": reason.as_str()}]),
                 );
                 if st.finished == st.n {
+                    // Logged before `[DONE]`: a client that saw the end can give feedback.
+                    if let Some(t) = st.transcript.take() {
+                        t.log(&st.app).await;
+                    }
                     if st.include_usage {
                         let mut usage = chunk_json(&st.meta, json!([]));
                         usage["usage"] = json!({
@@ -351,4 +376,71 @@ fn stream_response(
         .content_type("text/event-stream")
         .insert_header(("Cache-Control", "no-cache"))
         .streaming(body)
+}
+
+/// The completion as served, collected for the completion log.
+struct Transcript {
+    record: CompletionRecord,
+}
+
+impl Transcript {
+    fn new(state: &AppState, req: &ValidChatRequest, id: &str, prepared: &Prepared) -> Self {
+        let p = &req.params;
+        let params = json!({
+            "temperature": p.temperature,
+            "top_p": p.top_p,
+            "top_k": p.top_k,
+            "min_p": p.min_p,
+            "repetition_penalty": p.repetition_penalty,
+            "presence_penalty": p.presence_penalty,
+            "frequency_penalty": p.frequency_penalty,
+            "seed": p.seed,
+            "max_tokens": prepared.request.max_tokens,
+            "n": req.n,
+            "stop": req.stop,
+        });
+        let choice = ChoiceRecord {
+            text: String::new(),
+            tokens: Vec::new(),
+            finish_reason: String::new(),
+        };
+        Self {
+            record: CompletionRecord {
+                id: id.to_string(),
+                created_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as i64)
+                    .unwrap_or(0),
+                model: state.model_name.clone(),
+                generation: state.generation,
+                messages: req.messages.clone(),
+                prompt: prepared.prompt_text.clone(),
+                params,
+                choices: vec![choice; req.n],
+            },
+        }
+    }
+
+    fn token(&mut self, choice: usize, token: u32, text: &str) {
+        let c = &mut self.record.choices[choice];
+        c.tokens.push(token);
+        c.text.push_str(text);
+    }
+
+    fn finish(&mut self, choice: usize, reason: FinishReason) {
+        self.record.choices[choice].finish_reason = reason.as_str().to_string();
+    }
+
+    /// Logs and waits for the commit. A failure is logged, not returned: the
+    /// client still gets the completion, though feedback on it will be refused.
+    async fn log(self, state: &AppState) {
+        let id = self.record.id.clone();
+        let result = match state.store.log_completion(self.record) {
+            Ok(pending) => pending.wait().await.and_then(|r| r),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            tracing::warn!(completion = %id, error = %e, "completion not logged");
+        }
+    }
 }

@@ -2,6 +2,7 @@
 //! model loading.
 
 mod bench;
+mod feedback;
 mod generate;
 mod serve;
 
@@ -10,7 +11,7 @@ use attune_config::{Config, ConfigBuilder};
 use attune_models::{LoadOptions, LoadedModel, WeightFormat};
 use candle_core::Device;
 
-use crate::cli::{Cli, Command, ModelArgs};
+use crate::cli::{Cli, Command, ModelArgs, StoreArgs};
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
@@ -20,6 +21,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Serve(args) => {
             let mut cfg = load_config(cli.config.as_deref(), &args.model)?;
+            apply_store_flag(&mut cfg, &args.store);
             if let Some(h) = args.host {
                 cfg.server.host = h;
             }
@@ -32,6 +34,17 @@ pub fn run(cli: Cli) -> Result<()> {
             let cfg = load_config(cli.config.as_deref(), &args.model)?;
             bench::run(&cfg, args)
         }
+        Command::Feedback(cmd) => {
+            let cfg = load_config(cli.config.as_deref(), &ModelArgs::default())?;
+            feedback::run(cfg, cmd)
+        }
+    }
+}
+
+/// `--store` wins over file and environment.
+fn apply_store_flag(cfg: &mut Config, flags: &StoreArgs) {
+    if let Some(p) = &flags.store {
+        cfg.store.path = p.clone();
     }
 }
 

@@ -32,6 +32,7 @@ pub fn start(mut cfg: Config) -> TestServer {
     cfg.server.port = 0;
     cfg.server.model_name = "tiny".into();
     cfg.runtime.threads = 1;
+    cfg.store.path = dir.path().join("store.sqlite3");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         actix_web::rt::System::new().block_on(async move {
@@ -47,4 +48,35 @@ pub fn start(mut cfg: Config) -> TestServer {
         state,
         _dir: dir,
     }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+/// POSTs a JSON body; answers the status and the body as JSON (or as a JSON
+/// string when it is not JSON).
+pub fn post_json(s: &TestServer, path: &str, body: &str) -> (u16, serde_json::Value) {
+    let mut r = agent()
+        .post(&format!("{}{path}", s.base()))
+        .header("content-type", "application/json")
+        .send(body)
+        .unwrap();
+    let status = r.status().as_u16();
+    let text = r.body_mut().read_to_string().unwrap();
+    (status, parse(text))
+}
+
+pub fn get_json(s: &TestServer, path: &str) -> (u16, serde_json::Value) {
+    let mut r = agent().get(&format!("{}{path}", s.base())).call().unwrap();
+    let status = r.status().as_u16();
+    let text = r.body_mut().read_to_string().unwrap();
+    (status, parse(text))
+}
+
+fn parse(text: String) -> serde_json::Value {
+    serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))
 }
