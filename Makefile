@@ -6,7 +6,7 @@
 CARGO ?= cargo
 PROMPT ?= What is the capital of France?
 
-.PHONY: run generate test test-deps build model bench fmt lint
+.PHONY: run generate test test-deps build model bench bench-feedback fmt lint
 
 build:
 	$(CARGO) build --release
@@ -29,6 +29,9 @@ test-deps:
 
 bench: build model
 	./target/release/attune bench
+
+bench-feedback:
+	$(CARGO) run --release -p attune-server --example feedback_bench -- 5 8
 
 fmt:
 	$(CARGO) fmt --all

@@ -23,16 +23,25 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 }
 
 fn index(v: &Value, param: &str) -> Result<usize, ApiError> {
-    v.as_u64()
-        .map(|i| i as usize)
-        .ok_or_else(|| ApiError::invalid(param, format!("`{param}` must be a non-negative integer, got {v}")))
+    v.as_u64().map(|i| i as usize).ok_or_else(|| {
+        ApiError::invalid(
+            param,
+            format!("`{param}` must be a non-negative integer, got {v}"),
+        )
+    })
 }
 
 fn string<'a>(obj: &'a Map<String, Value>, key: &str, param: &str) -> Result<&'a str, ApiError> {
     match obj.get(key) {
         Some(Value::String(s)) if !s.is_empty() => Ok(s),
-        Some(Value::String(_)) => Err(ApiError::invalid(param, format!("`{param}` must not be empty"))),
-        Some(other) => Err(ApiError::invalid(param, format!("`{param}` must be a string, got {other}"))),
+        Some(Value::String(_)) => Err(ApiError::invalid(
+            param,
+            format!("`{param}` must not be empty"),
+        )),
+        Some(other) => Err(ApiError::invalid(
+            param,
+            format!("`{param}` must be a string, got {other}"),
+        )),
         None => Err(ApiError::invalid(param, format!("`{param}` is required"))),
     }
 }
@@ -51,7 +60,12 @@ fn choice_ref(obj: &Map<String, Value>, key: &str) -> Result<ChoiceRef, ApiError
     let choice_param = format!("{key}.choice");
     let choice = match inner.get("choice") {
         Some(v) => index(v, &choice_param)?,
-        None => return Err(ApiError::invalid(&choice_param, format!("`{choice_param}` is required"))),
+        None => {
+            return Err(ApiError::invalid(
+                &choice_param,
+                format!("`{choice_param}` is required"),
+            ))
+        }
     };
     Ok(ChoiceRef {
         completion_id: string(inner, "completion_id", &format!("{key}.completion_id"))?.to_string(),
@@ -73,11 +87,9 @@ fn feedback_request(value: &Value, header_key: Option<&str>) -> Result<NewFeedba
                 "Give either `completion_id` with `ranking`, or `chosen` with `rejected`, not both",
             ))
         }
-        (false, false) => {
-            return Err(ApiError::bad_request(
-                "Give either `completion_id` with `ranking` (best first), or `chosen` and `rejected`",
-            ))
-        }
+        (false, false) => return Err(ApiError::bad_request(
+            "Give either `completion_id` with `ranking` (best first), or `chosen` and `rejected`",
+        )),
         (true, false) => {
             let completion_id = string(obj, "completion_id", "completion_id")?.to_string();
             let ranking = match obj.get("ranking") {
@@ -96,7 +108,10 @@ fn feedback_request(value: &Value, header_key: Option<&str>) -> Result<NewFeedba
             if ranking.len() < 2 {
                 return Err(ApiError::invalid(
                     "ranking",
-                    format!("`ranking` must name at least two choices, got {}", ranking.len()),
+                    format!(
+                        "`ranking` must name at least two choices, got {}",
+                        ranking.len()
+                    ),
                 ));
             }
             if let Some((i, c)) = ranking
@@ -106,7 +121,10 @@ fn feedback_request(value: &Value, header_key: Option<&str>) -> Result<NewFeedba
             {
                 return Err(ApiError::invalid(
                     "ranking",
-                    format!("`ranking` names choice {c} twice (at positions {} and {i})", ranking.iter().position(|x| x == c).unwrap_or(0)),
+                    format!(
+                        "`ranking` names choice {c} twice (at positions {} and {i})",
+                        ranking.iter().position(|x| x == c).unwrap_or(0)
+                    ),
                 ));
             }
             FeedbackRequest::Ranking {
@@ -126,16 +144,17 @@ fn feedback_request(value: &Value, header_key: Option<&str>) -> Result<NewFeedba
             FeedbackRequest::Pair { chosen, rejected }
         }
     };
-    let body_key = match obj.get("idempotency_key") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(k)) if !k.is_empty() && k.len() <= MAX_KEY_LEN => Some(k.as_str()),
-        Some(other) => {
-            return Err(ApiError::invalid(
+    let body_key =
+        match obj.get("idempotency_key") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(k)) if !k.is_empty() && k.len() <= MAX_KEY_LEN => Some(k.as_str()),
+            Some(other) => return Err(ApiError::invalid(
                 "idempotency_key",
-                format!("`idempotency_key` must be a string of 1 to {MAX_KEY_LEN} bytes, got {other}"),
-            ))
-        }
-    };
+                format!(
+                    "`idempotency_key` must be a string of 1 to {MAX_KEY_LEN} bytes, got {other}"
+                ),
+            )),
+        };
     let idempotency_key = match (body_key, header_key) {
         (Some(b), Some(h)) if b != h => {
             return Err(ApiError::invalid(
@@ -218,7 +237,13 @@ async fn read<T: Send + 'static>(
 }
 
 async fn get(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    let not_found = || ApiError::not_found("id", format!("No feedback record `{id}`"), "feedback_not_found");
+    let not_found = || {
+        ApiError::not_found(
+            "id",
+            format!("No feedback record `{id}`"),
+            "feedback_not_found",
+        )
+    };
     let n: i64 = id
         .strip_prefix(ID_PREFIX)
         .and_then(|n| n.parse().ok())
@@ -233,13 +258,20 @@ fn stats_json(s: &StoreStats) -> Value {
     let by_kind: Map<String, Value> = s
         .by_kind
         .iter()
-        .map(|k| (k.kind.as_str().to_string(), json!({"records": k.records, "pairs": k.pairs})))
+        .map(|k| {
+            (
+                k.kind.as_str().to_string(),
+                json!({"records": k.records, "pairs": k.pairs}),
+            )
+        })
         .collect();
     let by_generation: Map<String, Value> = s
         .by_generation
         .iter()
         .map(|g| {
-            let name = g.generation.map_or("imported".to_string(), |g| g.to_string());
+            let name = g
+                .generation
+                .map_or("imported".to_string(), |g| g.to_string());
             (name, json!({"records": g.records}))
         })
         .collect();

@@ -123,7 +123,10 @@ fn prepare(state: &AppState, req: &ValidChatRequest) -> Result<Prepared, ApiErro
 }
 
 /// Reads the body, stopping with 413 as soon as it passes the limit.
-pub(super) async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::BytesMut, ApiError> {
+pub(super) async fn read_body(
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<web::BytesMut, ApiError> {
     use futures_util::StreamExt;
     let mut body = web::BytesMut::new();
     while let Some(chunk) = payload.next().await {
@@ -161,7 +164,13 @@ async fn chat_completions(
         prompt_tokens,
     };
     if req.stream {
-        Ok(stream_response(state.into_inner(), req, meta, events, transcript))
+        Ok(stream_response(
+            state.into_inner(),
+            req,
+            meta,
+            events,
+            transcript,
+        ))
     } else {
         collect_response(&state, &req, meta, events, transcript).await
     }

@@ -67,8 +67,9 @@ pub fn run(mut cfg: Config, cmd: FeedbackCommand) -> Result<()> {
                     // Written beside the target and renamed, so a failed export
                     // never leaves a truncated file under the final name.
                     let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
-                    let tmp = tempfile::NamedTempFile::new_in(dir.unwrap_or(std::path::Path::new(".")))
-                        .with_context(|| format!("cannot write beside {}", path.display()))?;
+                    let tmp =
+                        tempfile::NamedTempFile::new_in(dir.unwrap_or(std::path::Path::new(".")))
+                            .with_context(|| format!("cannot write beside {}", path.display()))?;
                     let mut out = std::io::BufWriter::new(tmp);
                     let n = export_ranked(&store, after, &mut out)?;
                     out.into_inner()
@@ -96,10 +97,17 @@ pub fn run(mut cfg: Config, cmd: FeedbackCommand) -> Result<()> {
             println!("completions  {}", s.completions);
             println!("records      {} ({} pairs)", s.records, s.pairs);
             for k in &s.by_kind {
-                println!("  {:<10} {} records, {} pairs", k.kind.as_str(), k.records, k.pairs);
+                println!(
+                    "  {:<10} {} records, {} pairs",
+                    k.kind.as_str(),
+                    k.records,
+                    k.pairs
+                );
             }
             for g in &s.by_generation {
-                let name = g.generation.map_or("imported".to_string(), |g| format!("generation {g}"));
+                let name = g
+                    .generation
+                    .map_or("imported".to_string(), |g| format!("generation {g}"));
                 println!("  {:<14} {} records", name, g.records);
             }
             Ok(())
