@@ -1,10 +1,13 @@
 //! Building blocks shared by every model in this crate: frozen linear layers
-//! (quantized or dense), RMSNorm, rotary embeddings and the gated MLP.
+//! (quantized or dense), RMSNorm, rotary embeddings and the gated MLP. Each has
+//! a `forward` for serving (fused kernels, no gradients) and a `forward_train`
+//! made only of operations candle can differentiate (candle 0.11's fused
+//! `rms_norm`, `rope` and `QMatMul` silently give no gradient).
 
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor, D};
 
 use crate::checkpoint::{concat_qtensor_rows, LinearWeight};
 use crate::kernels::q8_0::Q8Matrix;
@@ -123,6 +126,74 @@ impl FrozenLinear {
             Weight::Candle(w) => w.forward(xs),
         }
     }
+
+    /// The dense weight `(out, in)`, when the layer holds one (models loaded
+    /// with `WeightFormat::F32`, which training uses).
+    fn dense(&self) -> Result<&Tensor> {
+        match &self.weight {
+            Weight::Candle(QMatMul::Tensor(w)) => Ok(w),
+            _ => candle_core::bail!(
+                "training needs dense weights: load the model with `WeightFormat::F32` (quantized weights are dequantized then)"
+            ),
+        }
+    }
+
+    /// The dense weight, if the layer holds one.
+    pub fn dense_weight(&self) -> Option<&Tensor> {
+        self.dense().ok()
+    }
+
+    /// `xs @ W^T` with a gradient for `xs` only (see [`FrozenMatmul`]).
+    pub fn forward_train(&self, xs: &Tensor) -> Result<Tensor> {
+        let w = self.dense()?;
+        if xs.device().is_cpu() {
+            xs.contiguous()?.apply_op1(FrozenMatmul { w: w.clone() })
+        } else {
+            // No custom kernel off the CPU yet: plain matmul, whose backward also
+            // computes (and then drops) a gradient for the frozen weight.
+            xs.broadcast_matmul(&w.t()?)
+        }
+    }
+}
+
+/// `x @ Wᵀ` for a frozen `W`, whose backward computes only `∂L/∂x = g @ W`.
+/// candle's matmul backward always computes the weight's gradient too, even
+/// for a constant; for a frozen model that is a weight-sized buffer per linear
+/// layer per step (about 740 MiB for the 135M model at batch 4 × 128) and a
+/// second matmul, both thrown away.
+struct FrozenMatmul {
+    /// `(out, in)`.
+    w: Tensor,
+}
+
+impl CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = layout.shape().dims();
+        let k = *dims.last().unwrap_or(&0);
+        let (out, inp) = self.w.dims2()?;
+        if k != inp {
+            candle_core::bail!("frozen-matmul: input width {k}, weight is ({out}, {inp})");
+        }
+        let data = storage.as_slice::<f32>()?;
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("frozen-matmul: the input must be contiguous");
+        };
+        let rows = layout.shape().elem_count() / k.max(1);
+        let x = Tensor::from_slice(&data[start..end], (rows, k), self.w.device())?;
+        let y = x.matmul(&self.w.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("at least one dimension") = out;
+        Ok((CpuStorage::F32(y), Shape::from(out_dims)))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let g = grad_res.broadcast_matmul(&self.w)?;
+        Ok(Some(g.reshape(arg.shape())?))
+    }
 }
 
 /// Projections that read the same input (q/k/v, gate/up), fused into one
@@ -191,6 +262,26 @@ impl LinearGroup {
         }
         Ok(parts)
     }
+
+    /// The layers it holds (one when fused).
+    pub fn linears(&self) -> &[FrozenLinear] {
+        &self.linears
+    }
+
+    /// [`LinearGroup::forward`] with gradients for the input only.
+    pub fn forward_train(&self, xs: &Tensor) -> Result<Vec<Tensor>> {
+        if self.linears.len() == self.outs.len() {
+            return self.linears.iter().map(|l| l.forward_train(xs)).collect();
+        }
+        let y = self.linears[0].forward_train(xs)?;
+        let mut start = 0;
+        let mut parts = Vec::with_capacity(self.outs.len());
+        for &n in &self.outs {
+            parts.push(y.narrow(D::Minus1, start, n)?);
+            start += n;
+        }
+        Ok(parts)
+    }
 }
 
 /// Root-mean-square layer norm with a learned scale.
@@ -210,6 +301,15 @@ impl RmsNorm {
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         candle_nn::ops::rms_norm(xs, &self.weight, self.eps)
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// Differentiable (composed of elementary ops).
+    pub fn forward_train(&self, xs: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::rms_norm_slow(xs, &self.weight, self.eps)
     }
 }
 
@@ -239,6 +339,11 @@ impl Rotary {
     /// `cos`/`sin`.
     pub fn apply(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         candle_nn::rotary_emb::rope(&xs.unsqueeze(0)?.contiguous()?, cos, sin)?.squeeze(0)
+    }
+
+    /// Differentiable: rotates `xs` of shape `(batch, heads, positions, head_dim)`.
+    pub fn apply_train(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        candle_nn::rotary_emb::rope_slow(xs, cos, sin)
     }
 }
 

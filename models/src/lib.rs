@@ -11,6 +11,7 @@ pub mod kv_cache;
 pub mod layers;
 pub mod llama;
 pub mod loaded;
+pub mod lora;
 pub mod sampling;
 pub mod testing;
 pub mod tokenizer;
@@ -22,7 +23,8 @@ pub use generation::{
     generate, generate_batch, FinishReason, Generated, SequenceState, StepOutput, StopConditions,
 };
 pub use kv_cache::KvCache;
-pub use llama::{Llama, LlamaConfig, LogitsFor};
+pub use llama::{Llama, LlamaConfig, LogitsFor, PromptResponse, ResponseBatch};
 pub use loaded::{LoadOptions, LoadedModel};
+pub use lora::{LoraAdapter, LoraConfig, LoraInit, LoraTarget};
 pub use sampling::{InvalidParam, Sampler, SamplingParams, TokenLogprob};
 pub use tokenizer::TextTokenizer;

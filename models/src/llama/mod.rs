@@ -4,10 +4,12 @@
 //! once, attention per sequence against that sequence's own `KvCache`.
 
 pub mod config;
+mod train;
 
 use candle_core::{DType, Device, Tensor, D};
 
 pub use config::LlamaConfig;
+pub use train::{PromptResponse, ResponseBatch};
 
 use crate::checkpoint::{Checkpoint, LinearWeight, WeightFormat};
 use crate::error::{LoadError, ModelError};

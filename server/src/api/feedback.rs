@@ -144,17 +144,18 @@ fn feedback_request(value: &Value, header_key: Option<&str>) -> Result<NewFeedba
             FeedbackRequest::Pair { chosen, rejected }
         }
     };
-    let body_key =
-        match obj.get("idempotency_key") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(k)) if !k.is_empty() && k.len() <= MAX_KEY_LEN => Some(k.as_str()),
-            Some(other) => return Err(ApiError::invalid(
+    let body_key = match obj.get("idempotency_key") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(k)) if !k.is_empty() && k.len() <= MAX_KEY_LEN => Some(k.as_str()),
+        Some(other) => {
+            return Err(ApiError::invalid(
                 "idempotency_key",
                 format!(
                     "`idempotency_key` must be a string of 1 to {MAX_KEY_LEN} bytes, got {other}"
                 ),
-            )),
-        };
+            ))
+        }
+    };
     let idempotency_key = match (body_key, header_key) {
         (Some(b), Some(h)) if b != h => {
             return Err(ApiError::invalid(

@@ -1,0 +1,303 @@
+//! The differentiable forward of the LLaMA module, for training LoRA adapters
+//! (and reward models) on frozen dense weights: full right-padded sequences,
+//! no KV cache, only operations candle can differentiate, and frozen linears
+//! whose backward computes the input gradient alone.
+
+use candle_core::{DType, Result, Tensor, D};
+
+use super::{Attention, Block, Llama};
+use crate::layers::Rotary;
+use crate::lora::{LoraAdapter, LoraTarget};
+
+/// A prompt and a response, as token ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptResponse {
+    pub prompt: Vec<u32>,
+    pub response: Vec<u32>,
+}
+
+/// Token rows ready for [`Llama::response_logprobs`]: right-padded to one
+/// length, with which positions are scored.
+#[derive(Debug, Clone)]
+pub struct ResponseBatch {
+    /// `rows[i]`: prompt then response tokens (after truncation).
+    rows: Vec<Vec<u32>>,
+    /// Where each row's response starts.
+    response_start: Vec<usize>,
+    /// For each input of [`ResponseBatch::new`], its row, or `None` when it was
+    /// dropped (an empty response).
+    pub kept: Vec<Option<usize>>,
+}
+
+impl ResponseBatch {
+    /// Fits each pair into `block_size` tokens: the response is kept whole
+    /// where possible (cut from the right only when it alone fills the block,
+    /// keeping one prompt token to predict its first token) and the prompt is
+    /// cut from the left. Pairs with an empty response are dropped.
+    pub fn new(pairs: &[PromptResponse], block_size: usize) -> Self {
+        let mut rows = Vec::new();
+        let mut response_start = Vec::new();
+        let mut kept = Vec::with_capacity(pairs.len());
+        for p in pairs {
+            if p.response.is_empty() || p.prompt.is_empty() || block_size < 2 {
+                kept.push(None);
+                continue;
+            }
+            let response = &p.response[..p.response.len().min(block_size - 1)];
+            let prompt_room = block_size - response.len();
+            let prompt = &p.prompt[p.prompt.len().saturating_sub(prompt_room)..];
+            kept.push(Some(rows.len()));
+            response_start.push(prompt.len());
+            rows.push([prompt, response].concat());
+        }
+        Self {
+            rows,
+            response_start,
+            kept,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Response tokens scored in each row.
+    pub fn response_lens(&self) -> Vec<usize> {
+        self.rows
+            .iter()
+            .zip(&self.response_start)
+            .map(|(r, &s)| r.len() - s)
+            .collect()
+    }
+
+    /// The longest row.
+    pub fn width(&self) -> usize {
+        self.rows.iter().map(Vec::len).max().unwrap_or(0)
+    }
+}
+
+impl Attention {
+    /// `xs`: `(batch, positions, hidden)`; causal attention within each row.
+    fn forward_train(
+        &self,
+        layer: usize,
+        xs: &Tensor,
+        rope: (&Tensor, &Tensor),
+        mask: &Tensor,
+        lora: Option<(&LoraAdapter, bool)>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = xs.dims3()?;
+        let (h, kvh, hd) = (self.heads, self.kv_heads, self.head_dim);
+        let parts = self.qkv.forward_train(xs)?;
+        let adapt = |target, x: &Tensor, y: Tensor| -> Result<Tensor> {
+            match lora {
+                Some((l, train)) => match l.delta(layer, target, x, train)? {
+                    Some(d) => y + d,
+                    None => Ok(y),
+                },
+                None => Ok(y),
+            }
+        };
+        let [q, k, v] = <[Tensor; 3]>::try_from(parts).map_err(|_| {
+            candle_core::Error::msg("q/k/v projection group must give three outputs")
+        })?;
+        let q = adapt(LoraTarget::Q, xs, q)?;
+        let k = adapt(LoraTarget::K, xs, k)?;
+        let v = adapt(LoraTarget::V, xs, v)?;
+        let heads_first = |x: Tensor, n: usize| -> Result<Tensor> {
+            x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
+        };
+        let q = Rotary::apply_train(&heads_first(q, h)?, rope.0, rope.1)?;
+        let k = Rotary::apply_train(&heads_first(k, kvh)?, rope.0, rope.1)?;
+        let v = heads_first(v, kvh)?;
+        let (k, v) = if h == kvh {
+            (k, v)
+        } else {
+            let rep = h / kvh;
+            let repeat = |x: Tensor| -> Result<Tensor> {
+                x.unsqueeze(2)?
+                    .broadcast_as((b, kvh, rep, t, hd))?
+                    .reshape((b, h, t, hd))
+            };
+            (repeat(k)?, repeat(v)?)
+        };
+        let scale = 1.0 / (hd as f64).sqrt();
+        let att = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(mask)?;
+        let att = candle_nn::ops::softmax(&att, D::Minus1)?;
+        let out = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * hd))?;
+        let y = self.o.forward_train(&out)?;
+        adapt(LoraTarget::O, &out, y)
+    }
+}
+
+impl Block {
+    fn forward_train(
+        &self,
+        layer: usize,
+        xs: &Tensor,
+        rope: (&Tensor, &Tensor),
+        mask: &Tensor,
+        lora: Option<(&LoraAdapter, bool)>,
+    ) -> Result<Tensor> {
+        let h = self.attn_norm.forward_train(xs)?;
+        let xs = (xs + self.attn.forward_train(layer, &h, rope, mask, lora)?)?;
+        let h = self.ffn_norm.forward_train(&xs)?;
+        let adapt = |target, x: &Tensor, y: Tensor| -> Result<Tensor> {
+            match lora {
+                Some((l, train)) => match l.delta(layer, target, x, train)? {
+                    Some(d) => y + d,
+                    None => Ok(y),
+                },
+                None => Ok(y),
+            }
+        };
+        let gu = self.mlp.gate_up.forward_train(&h)?;
+        let gate = adapt(LoraTarget::Gate, &h, gu[0].clone())?;
+        let up = adapt(LoraTarget::Up, &h, gu[1].clone())?;
+        let act = (candle_nn::ops::silu(&gate)? * up)?;
+        let down = adapt(LoraTarget::Down, &act, self.mlp.down.forward_train(&act)?)?;
+        xs + down
+    }
+}
+
+impl Llama {
+    /// The frozen dense tensors of the model (embedding, norms, and the linear
+    /// weights of a dense load), for checks that training leaves them alone.
+    pub fn frozen_tensors(&self) -> Vec<Tensor> {
+        let mut out = vec![self.embed.clone(), self.norm.weight().clone()];
+        let mut linear = |l: &crate::layers::FrozenLinear| out.extend(l.dense_weight().cloned());
+        linear(&self.lm_head);
+        for b in &self.blocks {
+            for l in b
+                .attn
+                .qkv
+                .linears()
+                .iter()
+                .chain([&b.attn.o])
+                .chain(b.mlp.gate_up.linears())
+                .chain([&b.mlp.down])
+            {
+                linear(l);
+            }
+        }
+        for b in &self.blocks {
+            out.push(b.attn_norm.weight().clone());
+            out.push(b.ffn_norm.weight().clone());
+        }
+        out
+    }
+
+    /// Final hidden states `(batch, positions, hidden)` (after the last norm)
+    /// of right-padded rows `tokens` `(batch, positions)`, differentiable with
+    /// respect to the adapter's variables. `train` turns on adapter dropout.
+    pub fn hidden_train(
+        &self,
+        tokens: &Tensor,
+        lora: Option<&LoraAdapter>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (b, t) = tokens.dims2()?;
+        let hidden = self.cfg.hidden_size;
+        let mut xs = self
+            .embed
+            .index_select(&tokens.flatten_all()?, 0)?
+            .reshape((b, t, hidden))?
+            .to_dtype(DType::F32)?;
+        let positions: Vec<u32> = (0..t as u32).collect();
+        let (cos, sin) = self.rotary.cos_sin(&positions)?;
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, t), &self.device)?;
+        let lora = lora.map(|l| (l, train));
+        for (i, block) in self.blocks.iter().enumerate() {
+            xs = block.forward_train(i, &xs, (&cos, &sin), &mask, lora)?;
+        }
+        self.norm.forward_train(&xs)
+    }
+
+    /// Logits `(batch, positions, vocab)`; see [`Llama::hidden_train`].
+    pub fn forward_train(
+        &self,
+        tokens: &Tensor,
+        lora: Option<&LoraAdapter>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let h = self.hidden_train(tokens, lora, train)?;
+        self.lm_head.forward_train(&h)
+    }
+
+    /// The sum of the response tokens' log-probabilities for each row of
+    /// `batch`, `(rows,)`, differentiable. Only positions that predict a
+    /// response token go through the output projection.
+    pub fn response_logprobs(
+        &self,
+        batch: &ResponseBatch,
+        lora: Option<&LoraAdapter>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (n, t) = (batch.len(), batch.width());
+        if n == 0 {
+            candle_core::bail!("response_logprobs: empty batch");
+        }
+        let mut ids = Vec::with_capacity(n * t);
+        let mut rows = Vec::new();
+        let mut targets = Vec::new();
+        let mut owner = Vec::new();
+        for (i, (row, &start)) in batch.rows.iter().zip(&batch.response_start).enumerate() {
+            ids.extend_from_slice(row);
+            ids.extend(std::iter::repeat_n(0u32, t - row.len()));
+            for p in start..row.len() {
+                rows.push((i * t + p - 1) as u32);
+                targets.push(row[p]);
+                owner.push(i);
+            }
+        }
+        let tokens = Tensor::from_vec(ids, (n, t), &self.device)?;
+        let hidden = self.hidden_train(&tokens, lora, train)?;
+        let r = rows.len();
+        let rows = Tensor::from_vec(rows, r, &self.device)?;
+        let picked = hidden
+            .reshape((n * t, self.cfg.hidden_size))?
+            .index_select(&rows, 0)?;
+        let logits = self.lm_head.forward_train(&picked)?;
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let targets = Tensor::from_vec(targets, (r, 1), &self.device)?;
+        let token_logp = logp.gather(&targets, 1)?; // (r, 1)
+                                                    // Sum per row: a (rows × scored positions) 0/1 matrix times the column.
+        let mut onehot = vec![0f32; n * r];
+        for (j, &i) in owner.iter().enumerate() {
+            onehot[i * r + j] = 1.0;
+        }
+        let onehot = Tensor::from_vec(onehot, (n, r), &self.device)?;
+        onehot.matmul(&token_logp)?.squeeze(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pr(p: usize, r: usize) -> PromptResponse {
+        PromptResponse {
+            prompt: (0..p as u32).collect(),
+            response: (100..100 + r as u32).collect(),
+        }
+    }
+
+    #[test]
+    fn truncation_cuts_the_prompt_from_the_left_and_keeps_the_response() {
+        let b = ResponseBatch::new(&[pr(10, 3), pr(3, 2), pr(4, 0), pr(2, 20)], 8);
+        assert_eq!(b.kept, [Some(0), Some(1), None, Some(2)]);
+        assert_eq!(b.rows[0], [5, 6, 7, 8, 9, 100, 101, 102]);
+        assert_eq!(b.rows[1], [0, 1, 2, 100, 101]);
+        // A response longer than the block keeps one prompt token before it.
+        assert_eq!(b.rows[2], [1, 100, 101, 102, 103, 104, 105, 106]);
+        assert_eq!(b.response_lens(), [3, 2, 7]);
+        assert_eq!(b.width(), 8);
+    }
+}
