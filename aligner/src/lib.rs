@@ -3,6 +3,7 @@
 //! feedback into; the loss, the training loop and the aligner thread land
 //! with their issues.
 
+pub mod loss;
 pub mod store;
 
 pub use store::{Store, StoreError};
