@@ -25,6 +25,6 @@ pub use generation::{
 pub use kv_cache::KvCache;
 pub use llama::{Llama, LlamaConfig, LogitsFor, PromptResponse, ResponseBatch};
 pub use loaded::{LoadOptions, LoadedModel};
-pub use lora::{LoraAdapter, LoraConfig, LoraInit, LoraTarget};
+pub use lora::{AdapterFileError, LoraAdapter, LoraConfig, LoraInit, LoraTarget};
 pub use sampling::{InvalidParam, Sampler, SamplingParams, TokenLogprob};
 pub use tokenizer::TextTokenizer;

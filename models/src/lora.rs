@@ -227,3 +227,239 @@ impl LoraAdapter {
         Ok(Some((y * self.cfg.scale())?))
     }
 }
+
+/// Files of an adapter directory, as PEFT writes them.
+pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterFileError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid {
+        path: std::path::PathBuf,
+        message: String,
+    },
+    #[error("{path}: {source}")]
+    Tensor {
+        path: std::path::PathBuf,
+        #[source]
+        source: candle_core::Error,
+    },
+}
+
+impl LoraAdapter {
+    /// Writes `adapter_model.safetensors` and `adapter_config.json` in PEFT's
+    /// format into `dir`, atomically: into a fresh sibling folder first, which
+    /// then replaces `dir` by rename, so readers see the old adapter or the new
+    /// one, never a mix.
+    pub fn save_peft(
+        &self,
+        dir: &std::path::Path,
+        base_model: &str,
+    ) -> std::result::Result<(), AdapterFileError> {
+        let write_err = |path: &std::path::Path| {
+            let path = path.to_path_buf();
+            move |source| AdapterFileError::Write { path, source }
+        };
+        let parent = dir
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        std::fs::create_dir_all(parent).map_err(write_err(parent))?;
+        let tmp = tempfile::Builder::new()
+            .prefix(".adapter-")
+            .tempdir_in(parent)
+            .map_err(write_err(parent))?;
+        let tensors: std::collections::HashMap<String, Tensor> = self
+            .named_vars()
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().clone()))
+            .collect();
+        let weights = tmp.path().join(ADAPTER_WEIGHTS);
+        candle_core::safetensors::save(&tensors, &weights).map_err(|source| {
+            AdapterFileError::Tensor {
+                path: weights.clone(),
+                source,
+            }
+        })?;
+        let targets: Vec<&str> = self.cfg.targets.iter().map(|t| t.module_name()).collect();
+        let config = serde_json::json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model,
+            "r": self.cfg.rank,
+            "lora_alpha": self.cfg.alpha,
+            "lora_dropout": self.cfg.dropout,
+            "target_modules": targets,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "inference_mode": true,
+            "use_rslora": false,
+            "use_dora": false,
+        });
+        let config_path = tmp.path().join(ADAPTER_CONFIG);
+        std::fs::write(
+            &config_path,
+            serde_json::to_vec_pretty(&config).expect("json"),
+        )
+        .map_err(write_err(&config_path))?;
+        for f in [&weights, &config_path] {
+            std::fs::File::open(f)
+                .and_then(|f| f.sync_all())
+                .map_err(write_err(f))?;
+        }
+        let staged = tmp.keep();
+        // Replace: move the old folder aside, the new one in, then drop the old.
+        let old = parent.join(format!(
+            ".adapter-old-{}",
+            dir.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        ));
+        let had_old = dir.exists();
+        if had_old {
+            let _ = std::fs::remove_dir_all(&old);
+            std::fs::rename(dir, &old).map_err(write_err(dir))?;
+        }
+        std::fs::rename(&staged, dir).map_err(write_err(dir))?;
+        if had_old {
+            let _ = std::fs::remove_dir_all(&old);
+        }
+        Ok(())
+    }
+
+    /// Reads a PEFT LoRA adapter directory for a model of shape `model`.
+    pub fn load_peft(
+        dir: &std::path::Path,
+        model: &LlamaConfig,
+        device: &Device,
+    ) -> std::result::Result<Self, AdapterFileError> {
+        let config_path = dir.join(ADAPTER_CONFIG);
+        let invalid = |message: String| AdapterFileError::Invalid {
+            path: config_path.clone(),
+            message,
+        };
+        let text =
+            std::fs::read_to_string(&config_path).map_err(|source| AdapterFileError::Read {
+                path: config_path.clone(),
+                source,
+            })?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| invalid(format!("not JSON: {e}")))?;
+        if v["peft_type"].as_str().is_some_and(|t| t != "LORA") {
+            return Err(invalid(format!(
+                "`peft_type` is {}, only LORA is supported",
+                v["peft_type"]
+            )));
+        }
+        let rank = v["r"]
+            .as_u64()
+            .ok_or_else(|| invalid("`r` is missing".into()))? as usize;
+        let alpha = v["lora_alpha"].as_f64().unwrap_or(rank as f64);
+        let dropout = v["lora_dropout"].as_f64().unwrap_or(0.0) as f32;
+        let targets = match &v["target_modules"] {
+            serde_json::Value::Array(a) => a
+                .iter()
+                .map(|t| {
+                    t.as_str()
+                        .and_then(LoraTarget::parse)
+                        .ok_or_else(|| invalid(format!("unsupported target module {t}")))
+                })
+                .collect::<std::result::Result<Vec<_>, _>>()?,
+            other => {
+                return Err(invalid(format!(
+                    "`target_modules` must be a list, got {other}"
+                )))
+            }
+        };
+        if v["use_dora"].as_bool() == Some(true) || v["use_rslora"].as_bool() == Some(true) {
+            return Err(invalid("DoRA and rsLoRA adapters are not supported".into()));
+        }
+        let weights = dir.join(ADAPTER_WEIGHTS);
+        let tensors = candle_core::safetensors::load(&weights, device).map_err(|source| {
+            AdapterFileError::Tensor {
+                path: weights.clone(),
+                source,
+            }
+        })?;
+        let cfg = LoraConfig {
+            rank,
+            alpha,
+            dropout,
+            targets,
+        };
+        let bad = |message: String| AdapterFileError::Invalid {
+            path: weights.clone(),
+            message,
+        };
+        let mut layers = Vec::with_capacity(model.num_hidden_layers);
+        for i in 0..model.num_hidden_layers {
+            let mut slots: [Option<LoraLinear>; 7] = Default::default();
+            for &t in &cfg.targets {
+                let (out, inp) = t.shape(model);
+                let p = format!("base_model.model.model.layers.{i}.{}", t.path());
+                let get = |suffix: &str,
+                           shape: (usize, usize)|
+                 -> std::result::Result<Var, AdapterFileError> {
+                    let name = format!("{p}.{suffix}");
+                    let t = tensors
+                        .get(&name)
+                        .ok_or_else(|| bad(format!("missing tensor `{name}`")))?;
+                    if t.dims() != [shape.0, shape.1] {
+                        return Err(bad(format!(
+                            "`{name}` has shape {:?}, the model needs {:?}",
+                            t.dims(),
+                            [shape.0, shape.1]
+                        )));
+                    }
+                    let t = t.to_dtype(DType::F32).map_err(|e| bad(e.to_string()))?;
+                    Var::from_tensor(&t).map_err(|e| bad(e.to_string()))
+                };
+                slots[t.index()] = Some(LoraLinear {
+                    a: get("lora_A.weight", (rank, inp))?,
+                    b: get("lora_B.weight", (out, rank))?,
+                });
+            }
+            layers.push(slots);
+        }
+        Ok(Self { cfg, layers })
+    }
+
+    /// A deep copy whose variables share nothing with `self`: what gets
+    /// published while training goes on (candle's `Var::set` mutates in place
+    /// for every holder).
+    pub fn snapshot(&self) -> Result<Self> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|slots| {
+                let mut out: [Option<LoraLinear>; 7] = Default::default();
+                for (o, s) in out.iter_mut().zip(slots) {
+                    if let Some(l) = s {
+                        *o = Some(LoraLinear {
+                            a: Var::from_tensor(&l.a.as_tensor().copy()?)?,
+                            b: Var::from_tensor(&l.b.as_tensor().copy()?)?,
+                        });
+                    }
+                }
+                Ok(out)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            cfg: self.cfg.clone(),
+            layers,
+        })
+    }
+}

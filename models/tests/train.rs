@@ -212,3 +212,82 @@ fn lora_gradients_match_finite_differences() {
         }
     }
 }
+
+#[test]
+fn a_saved_peft_adapter_loads_back_identical_and_replaces_the_old_one() {
+    let (_dir, model) = tiny(TinySpec::default());
+    let lora = LoraAdapter::new(
+        all_targets(),
+        model.config(),
+        LoraInit::Random,
+        9,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("adapter");
+    // An older adapter is replaced whole.
+    LoraAdapter::new(
+        LoraConfig::default(),
+        model.config(),
+        LoraInit::Random,
+        1,
+        &Device::Cpu,
+    )
+    .unwrap()
+    .save_peft(&dir, "tiny")
+    .unwrap();
+    lora.save_peft(&dir, "tiny").unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["peft_type"], "LORA");
+    assert_eq!(config["r"], 4);
+    assert_eq!(config["target_modules"].as_array().unwrap().len(), 7);
+    let back = LoraAdapter::load_peft(&dir, model.config(), &Device::Cpu).unwrap();
+    for ((n1, v1), (n2, v2)) in lora.named_vars().iter().zip(back.named_vars()) {
+        assert_eq!(n1, &n2);
+        assert_eq!(max_abs_diff(v1.as_tensor(), v2.as_tensor()), 0.0, "{n1}");
+    }
+    assert!(
+        n_entries(out.path()) == 1,
+        "no staging folders are left behind"
+    );
+    // A snapshot does not follow later changes to the original.
+    let snap = lora.snapshot().unwrap();
+    let (_, v) = &lora.named_vars()[0];
+    v.set(&v.as_tensor().zeros_like().unwrap()).unwrap();
+    assert!(max_abs_diff(snap.named_vars()[0].1.as_tensor(), v.as_tensor()) > 0.0);
+}
+
+fn n_entries(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir).unwrap().count()
+}
+
+#[test]
+fn a_broken_adapter_directory_gets_an_error_naming_the_file() {
+    let (_dir, model) = tiny(TinySpec::default());
+    let out = tempfile::tempdir().unwrap();
+    let e = LoraAdapter::load_peft(out.path(), model.config(), &Device::Cpu).unwrap_err();
+    assert!(e.to_string().contains("adapter_config.json"), "{e}");
+    // Shapes from another model.
+    let other = tiny(TinySpec {
+        hidden: 32,
+        intermediate: 64,
+        ..TinySpec::default()
+    })
+    .1;
+    let dir = out.path().join("a");
+    LoraAdapter::new(
+        LoraConfig::default(),
+        other.config(),
+        LoraInit::Random,
+        1,
+        &Device::Cpu,
+    )
+    .unwrap()
+    .save_peft(&dir, "other")
+    .unwrap();
+    let e = LoraAdapter::load_peft(&dir, model.config(), &Device::Cpu).unwrap_err();
+    assert!(e.to_string().contains("shape"), "{e}");
+}
