@@ -1,9 +1,12 @@
 //! attune-aligner: turns logged preferences into LoRA adapter generations
 //! (CLHA). It owns the preference store the server logs completions and
-//! feedback into; the loss, the training loop and the aligner thread land
-//! with their issues.
+//! feedback into, the objectives (CLHA, DPO), the LoRA training loop and the
+//! offline evaluation; the aligner thread lands with its issue.
 
+pub mod data;
+pub mod eval;
 pub mod loss;
 pub mod store;
+pub mod train;
 
 pub use store::{Store, StoreError};

@@ -78,7 +78,7 @@ fn index(ids: &[u32], like: &Tensor) -> Result<Tensor> {
 }
 
 fn scalar(t: &Tensor) -> Result<f64> {
-    Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
+    t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()
 }
 
 /// `L = L_rank + L_sft` (see `design/clha.md`):

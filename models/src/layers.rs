@@ -143,10 +143,11 @@ impl FrozenLinear {
         self.dense().ok()
     }
 
-    /// `xs @ W^T` with a gradient for `xs` only (see [`FrozenMatmul`]).
-    pub fn forward_train(&self, xs: &Tensor) -> Result<Tensor> {
+    /// `xs @ W^T`, differentiable; with `input_grad_only` the backward computes
+    /// the input's gradient alone (see [`FrozenMatmul`]).
+    pub fn forward_train(&self, xs: &Tensor, input_grad_only: bool) -> Result<Tensor> {
         let w = self.dense()?;
-        if xs.device().is_cpu() {
+        if xs.device().is_cpu() && input_grad_only {
             xs.contiguous()?.apply_op1(FrozenMatmul { w: w.clone() })
         } else {
             // No custom kernel off the CPU yet: plain matmul, whose backward also
@@ -268,12 +269,16 @@ impl LinearGroup {
         &self.linears
     }
 
-    /// [`LinearGroup::forward`] with gradients for the input only.
-    pub fn forward_train(&self, xs: &Tensor) -> Result<Vec<Tensor>> {
+    /// [`LinearGroup::forward`], differentiable (see [`FrozenLinear::forward_train`]).
+    pub fn forward_train(&self, xs: &Tensor, input_grad_only: bool) -> Result<Vec<Tensor>> {
         if self.linears.len() == self.outs.len() {
-            return self.linears.iter().map(|l| l.forward_train(xs)).collect();
+            return self
+                .linears
+                .iter()
+                .map(|l| l.forward_train(xs, input_grad_only))
+                .collect();
         }
-        let y = self.linears[0].forward_train(xs)?;
+        let y = self.linears[0].forward_train(xs, input_grad_only)?;
         let mut start = 0;
         let mut parts = Vec::with_capacity(self.outs.len());
         for &n in &self.outs {

@@ -30,6 +30,121 @@ pub enum Command {
     /// Import, export or count preference records in the store.
     #[command(subcommand)]
     Feedback(FeedbackCommand),
+    /// Measure one CLHA training step (time and peak memory) on the model.
+    BenchTrain(BenchTrainArgs),
+    /// Train a LoRA adapter offline on preference data (CLHA or DPO).
+    Align(Box<AlignArgs>),
+    /// Score preference pairs with the model (and an adapter): preference
+    /// accuracy and mean margin.
+    Eval(EvalArgs),
+}
+
+/// Which preference lines to read, and how to turn them into tokens.
+#[derive(Debug, Args, Clone)]
+pub struct DataArgs {
+    /// JSON lines, plain or .gz: HH-RLHF `{"chosen", "rejected"}` or ranked
+    /// `{"prompt", "responses", "ranking"}`.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Skip this many lines first.
+    #[arg(long, default_value_t = 0)]
+    pub skip: usize,
+    /// Read at most this many lines.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// `raw`: HH-RLHF text as is (prompt up to and including the final
+    /// "\n\nAssistant:"); `chat`: messages through the model's chat template.
+    #[arg(long, default_value = "raw")]
+    pub template: String,
+    /// Tokens per prompt + response; longer prompts are cut from the left.
+    #[arg(long, default_value_t = 512)]
+    pub block_size: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// A PEFT LoRA adapter directory to apply.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Write one JSON line per pair, in input order:
+    /// `{"chosen": {"sum", "mean", "tokens"}, "rejected": {...}}`.
+    #[arg(long)]
+    pub per_pair: Option<PathBuf>,
+    /// Tokens per forward batch.
+    #[arg(long, default_value_t = 4096)]
+    pub batch_tokens: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct AlignArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Where the adapter goes: `OUT/final`, and `OUT/best` with --eval-data.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// `clha` or `dpo`.
+    #[arg(long, default_value = "clha")]
+    pub objective: String,
+    /// Optimizer steps; default: one pass over the data.
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Examples per micro-batch.
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    pub accumulation: usize,
+    #[arg(long, default_value_t = 2e-4)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 10)]
+    pub warmup: usize,
+    /// `cosine`, `linear` or `constant`.
+    #[arg(long, default_value = "cosine")]
+    pub schedule: String,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this; 0 turns clipping off.
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    #[arg(long, default_value_t = 16.0)]
+    pub alpha: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub dropout: f32,
+    /// Projections to adapt (comma separated): q, k, v, o, gate, up, down.
+    #[arg(long, value_delimiter = ',', default_value = "q,k,v,o")]
+    pub targets: Vec<String>,
+    /// CLHA: reward-difference threshold τ.
+    #[arg(long, default_value_t = 3.0)]
+    pub tau: f64,
+    /// CLHA: margin per rank distance μ.
+    #[arg(long, default_value_t = 3.0)]
+    pub mu: f64,
+    /// CLHA: SFT weight w.
+    #[arg(long, default_value_t = 0.05)]
+    pub sft_weight: f64,
+    /// DPO: β.
+    #[arg(long, default_value_t = 0.1)]
+    pub beta: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Held-out pairs evaluated every --eval-every steps (and at the end);
+    /// the best adapter by preference accuracy is kept in OUT/best.
+    #[arg(long)]
+    pub eval_data: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    pub eval_skip: usize,
+    #[arg(long)]
+    pub eval_limit: Option<usize>,
+    #[arg(long, default_value_t = 50)]
+    pub eval_every: usize,
 }
 
 /// The preference store's location (overrides `store.path`).
@@ -168,4 +283,27 @@ pub struct ServeArgs {
     pub port: Option<u16>,
     #[command(flatten)]
     pub store: StoreArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchTrainArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Sequences per step (candidates: batch 4 is two preference pairs).
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    /// Tokens per sequence (half prompt, half response).
+    #[arg(long, default_value_t = 128)]
+    pub tokens: usize,
+    /// Measured steps (after one warm-up step); the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    /// Also measure the same step with candle's plain matmul backward for the
+    /// frozen weights, as a same-run reference.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub baseline: bool,
+    /// Internal: measure one variant in this process and print it (the
+    /// parent runs each variant in a fresh process so their peaks are apart).
+    #[arg(long, hide = true)]
+    pub variant: Option<String>,
 }

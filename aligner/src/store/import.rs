@@ -136,7 +136,7 @@ fn commit(
     Ok(())
 }
 
-fn open_maybe_gzip(path: &Path) -> std::io::Result<Box<dyn BufRead>> {
+pub(crate) fn open_maybe_gzip(path: &Path) -> std::io::Result<Box<dyn BufRead>> {
     let mut file = BufReader::new(std::fs::File::open(path)?);
     let gzip = file.fill_buf()?.starts_with(&[0x1f, 0x8b]);
     Ok(if gzip {

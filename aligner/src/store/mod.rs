@@ -27,6 +27,7 @@ use rusqlite::Connection;
 use tokio::sync::oneshot;
 
 pub use export::export_ranked;
+pub(crate) use import::open_maybe_gzip;
 pub use import::{
     import_file, parse_hh_rlhf, parse_ranked, ImportError, ImportFormat, ImportReport, LineError,
 };

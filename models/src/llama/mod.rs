@@ -74,6 +74,8 @@ pub struct Llama {
     /// Attention through tensor ops even on the CPU (the path GPUs take); for
     /// checking the CPU kernel against it.
     tensor_attention: bool,
+    /// Training: frozen linears through plain matmul (see `set_full_frozen_backward`).
+    full_frozen_backward: bool,
 }
 
 impl Attention {
@@ -334,6 +336,7 @@ impl Llama {
             rotary,
             device,
             tensor_attention: false,
+            full_frozen_backward: false,
         })
     }
 

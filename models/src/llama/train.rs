@@ -80,28 +80,39 @@ impl ResponseBatch {
     }
 }
 
+/// What every layer of one training forward shares.
+struct TrainStep<'a> {
+    cos: Tensor,
+    sin: Tensor,
+    /// `(positions, positions)`: 0 on and below the diagonal, −∞ above.
+    mask: Tensor,
+    lora: Option<&'a LoraAdapter>,
+    /// Adapter dropout on.
+    train: bool,
+    /// Frozen linears compute only the input gradient (see `FrozenMatmul`).
+    input_grad_only: bool,
+}
+
+impl TrainStep<'_> {
+    /// `y` plus the adapter's update of `target` in `layer`, if it has one.
+    fn adapt(&self, layer: usize, target: LoraTarget, x: &Tensor, y: Tensor) -> Result<Tensor> {
+        match self.lora {
+            Some(l) => match l.delta(layer, target, x, self.train)? {
+                Some(d) => y + d,
+                None => Ok(y),
+            },
+            None => Ok(y),
+        }
+    }
+}
+
 impl Attention {
     /// `xs`: `(batch, positions, hidden)`; causal attention within each row.
-    fn forward_train(
-        &self,
-        layer: usize,
-        xs: &Tensor,
-        rope: (&Tensor, &Tensor),
-        mask: &Tensor,
-        lora: Option<(&LoraAdapter, bool)>,
-    ) -> Result<Tensor> {
+    fn forward_train(&self, layer: usize, xs: &Tensor, st: &TrainStep) -> Result<Tensor> {
         let (b, t, _) = xs.dims3()?;
         let (h, kvh, hd) = (self.heads, self.kv_heads, self.head_dim);
-        let parts = self.qkv.forward_train(xs)?;
-        let adapt = |target, x: &Tensor, y: Tensor| -> Result<Tensor> {
-            match lora {
-                Some((l, train)) => match l.delta(layer, target, x, train)? {
-                    Some(d) => y + d,
-                    None => Ok(y),
-                },
-                None => Ok(y),
-            }
-        };
+        let parts = self.qkv.forward_train(xs, st.input_grad_only)?;
+        let adapt = |target, x: &Tensor, y: Tensor| st.adapt(layer, target, x, y);
         let [q, k, v] = <[Tensor; 3]>::try_from(parts).map_err(|_| {
             candle_core::Error::msg("q/k/v projection group must give three outputs")
         })?;
@@ -111,8 +122,8 @@ impl Attention {
         let heads_first = |x: Tensor, n: usize| -> Result<Tensor> {
             x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
         };
-        let q = Rotary::apply_train(&heads_first(q, h)?, rope.0, rope.1)?;
-        let k = Rotary::apply_train(&heads_first(k, kvh)?, rope.0, rope.1)?;
+        let q = Rotary::apply_train(&heads_first(q, h)?, &st.cos, &st.sin)?;
+        let k = Rotary::apply_train(&heads_first(k, kvh)?, &st.cos, &st.sin)?;
         let v = heads_first(v, kvh)?;
         let (k, v) = if h == kvh {
             (k, v)
@@ -126,40 +137,29 @@ impl Attention {
             (repeat(k)?, repeat(v)?)
         };
         let scale = 1.0 / (hd as f64).sqrt();
-        let att = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(mask)?;
+        let att = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(&st.mask)?;
         let att = candle_nn::ops::softmax(&att, D::Minus1)?;
         let out = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * hd))?;
-        let y = self.o.forward_train(&out)?;
+        let y = self.o.forward_train(&out, st.input_grad_only)?;
         adapt(LoraTarget::O, &out, y)
     }
 }
 
 impl Block {
-    fn forward_train(
-        &self,
-        layer: usize,
-        xs: &Tensor,
-        rope: (&Tensor, &Tensor),
-        mask: &Tensor,
-        lora: Option<(&LoraAdapter, bool)>,
-    ) -> Result<Tensor> {
+    fn forward_train(&self, layer: usize, xs: &Tensor, st: &TrainStep) -> Result<Tensor> {
         let h = self.attn_norm.forward_train(xs)?;
-        let xs = (xs + self.attn.forward_train(layer, &h, rope, mask, lora)?)?;
+        let xs = (xs + self.attn.forward_train(layer, &h, st)?)?;
         let h = self.ffn_norm.forward_train(&xs)?;
-        let adapt = |target, x: &Tensor, y: Tensor| -> Result<Tensor> {
-            match lora {
-                Some((l, train)) => match l.delta(layer, target, x, train)? {
-                    Some(d) => y + d,
-                    None => Ok(y),
-                },
-                None => Ok(y),
-            }
-        };
-        let gu = self.mlp.gate_up.forward_train(&h)?;
+        let adapt = |target, x: &Tensor, y: Tensor| st.adapt(layer, target, x, y);
+        let gu = self.mlp.gate_up.forward_train(&h, st.input_grad_only)?;
         let gate = adapt(LoraTarget::Gate, &h, gu[0].clone())?;
         let up = adapt(LoraTarget::Up, &h, gu[1].clone())?;
         let act = (candle_nn::ops::silu(&gate)? * up)?;
-        let down = adapt(LoraTarget::Down, &act, self.mlp.down.forward_train(&act)?)?;
+        let down = adapt(
+            LoraTarget::Down,
+            &act,
+            self.mlp.down.forward_train(&act, st.input_grad_only)?,
+        )?;
         xs + down
     }
 }
@@ -191,6 +191,13 @@ impl Llama {
         out
     }
 
+    /// Makes frozen linears use candle's plain matmul backward, which also
+    /// computes a gradient for each frozen weight; for measuring what the
+    /// input-only backward saves.
+    pub fn set_full_frozen_backward(&mut self, on: bool) {
+        self.full_frozen_backward = on;
+    }
+
     /// Final hidden states `(batch, positions, hidden)` (after the last norm)
     /// of right-padded rows `tokens` `(batch, positions)`, differentiable with
     /// respect to the adapter's variables. `train` turns on adapter dropout.
@@ -212,10 +219,16 @@ impl Llama {
         let mask: Vec<f32> = (0..t)
             .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
             .collect();
-        let mask = Tensor::from_vec(mask, (t, t), &self.device)?;
-        let lora = lora.map(|l| (l, train));
+        let st = TrainStep {
+            cos,
+            sin,
+            mask: Tensor::from_vec(mask, (t, t), &self.device)?,
+            lora,
+            train,
+            input_grad_only: !self.full_frozen_backward,
+        };
         for (i, block) in self.blocks.iter().enumerate() {
-            xs = block.forward_train(i, &xs, (&cos, &sin), &mask, lora)?;
+            xs = block.forward_train(i, &xs, &st)?;
         }
         self.norm.forward_train(&xs)
     }
@@ -228,7 +241,7 @@ impl Llama {
         train: bool,
     ) -> Result<Tensor> {
         let h = self.hidden_train(tokens, lora, train)?;
-        self.lm_head.forward_train(&h)
+        self.lm_head.forward_train(&h, !self.full_frozen_backward)
     }
 
     /// The sum of the response tokens' log-probabilities for each row of
@@ -251,9 +264,9 @@ impl Llama {
         for (i, (row, &start)) in batch.rows.iter().zip(&batch.response_start).enumerate() {
             ids.extend_from_slice(row);
             ids.extend(std::iter::repeat_n(0u32, t - row.len()));
-            for p in start..row.len() {
+            for (p, &token) in row.iter().enumerate().skip(start) {
                 rows.push((i * t + p - 1) as u32);
-                targets.push(row[p]);
+                targets.push(token);
                 owner.push(i);
             }
         }
@@ -264,7 +277,9 @@ impl Llama {
         let picked = hidden
             .reshape((n * t, self.cfg.hidden_size))?
             .index_select(&rows, 0)?;
-        let logits = self.lm_head.forward_train(&picked)?;
+        let logits = self
+            .lm_head
+            .forward_train(&picked, !self.full_frozen_backward)?;
         let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         let targets = Tensor::from_vec(targets, (r, 1), &self.device)?;
         let token_logp = logp.gather(&targets, 1)?; // (r, 1)

@@ -1,7 +1,9 @@
 //! The `attune` subcommands and what they share: configuration layering and
 //! model loading.
 
+mod align;
 mod bench;
+mod bench_train;
 mod feedback;
 mod generate;
 mod serve;
@@ -33,6 +35,18 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(args) => {
             let cfg = load_config(cli.config.as_deref(), &args.model)?;
             bench::run(&cfg, args)
+        }
+        Command::BenchTrain(args) => {
+            let cfg = load_config(cli.config.as_deref(), &args.model)?;
+            bench_train::run(cfg, args)
+        }
+        Command::Align(args) => {
+            let cfg = load_config(cli.config.as_deref(), &args.model)?;
+            align::align(cfg, *args)
+        }
+        Command::Eval(args) => {
+            let cfg = load_config(cli.config.as_deref(), &args.model)?;
+            align::eval(cfg, args)
         }
         Command::Feedback(cmd) => {
             let cfg = load_config(cli.config.as_deref(), &ModelArgs::default())?;
