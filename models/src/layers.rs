@@ -312,9 +312,17 @@ impl RmsNorm {
         &self.weight
     }
 
-    /// Differentiable (composed of elementary ops).
+    /// Differentiable: a fused CPU op with its own backward, elementary ops
+    /// elsewhere.
     pub fn forward_train(&self, xs: &Tensor) -> Result<Tensor> {
-        candle_nn::ops::rms_norm_slow(xs, &self.weight, self.eps)
+        if xs.device().is_cpu() && xs.dtype() == candle_core::DType::F32 {
+            xs.contiguous()?.apply_op1(crate::kernels::autograd::RmsNormOp {
+                weight: self.weight.to_dtype(candle_core::DType::F32)?,
+                eps: self.eps,
+            })
+        } else {
+            candle_nn::ops::rms_norm_slow(xs, &self.weight, self.eps)
+        }
     }
 }
 
@@ -348,7 +356,14 @@ impl Rotary {
 
     /// Differentiable: rotates `xs` of shape `(batch, heads, positions, head_dim)`.
     pub fn apply_train(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        candle_nn::rotary_emb::rope_slow(xs, cos, sin)
+        if xs.device().is_cpu() && xs.dtype() == candle_core::DType::F32 {
+            xs.contiguous()?.apply_op1(crate::kernels::autograd::RopeOp {
+                cos: cos.clone(),
+                sin: sin.clone(),
+            })
+        } else {
+            candle_nn::rotary_emb::rope_slow(xs, cos, sin)
+        }
     }
 }
 

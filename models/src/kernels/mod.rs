@@ -1,6 +1,7 @@
 //! CPU kernels attune needs and candle 0.11.1 lacks in a usable form.
 
 pub mod attention;
+pub mod autograd;
 pub mod q8_0;
 
 /// An output buffer shared by a parallel region's workers, each writing its

@@ -6,6 +6,7 @@
 use candle_core::{DType, Result, Tensor, D};
 
 use super::{Attention, Block, Llama};
+use crate::kernels::autograd::CausalSoftmaxOp;
 use crate::layers::Rotary;
 use crate::lora::{LoraAdapter, LoraTarget};
 
@@ -137,8 +138,14 @@ impl Attention {
             (repeat(k)?, repeat(v)?)
         };
         let scale = 1.0 / (hd as f64).sqrt();
-        let att = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(&st.mask)?;
-        let att = candle_nn::ops::softmax(&att, D::Minus1)?;
+        let scores = q.matmul(&k.t()?.contiguous()?)?;
+        let att = if scores.device().is_cpu() && scores.dtype() == DType::F32 {
+            scores.apply_op1(CausalSoftmaxOp {
+                scale: scale as f32,
+            })?
+        } else {
+            candle_nn::ops::softmax(&(scores * scale)?.broadcast_add(&st.mask)?, D::Minus1)?
+        };
         let out = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * hd))?;
         let y = self.o.forward_train(&out, st.input_grad_only)?;
         adapt(LoraTarget::O, &out, y)
