@@ -62,11 +62,7 @@ pub type Examples = (Vec<Example>, Vec<(u64, String)>);
 /// The examples of `path` (plain or gzip JSON lines) from line `skip + 1`, at
 /// most `limit`; lines that are not preference examples are returned with
 /// their reasons.
-pub fn read_examples(
-    path: &Path,
-    skip: usize,
-    limit: usize,
-) -> Result<Examples, DataError> {
+pub fn read_examples(path: &Path, skip: usize, limit: usize) -> Result<Examples, DataError> {
     let err = |source| DataError::Read {
         path: path.display().to_string(),
         source,

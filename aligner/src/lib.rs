@@ -6,6 +6,7 @@
 pub mod data;
 pub mod eval;
 pub mod loss;
+pub mod reward;
 pub mod store;
 pub mod train;
 

@@ -154,11 +154,13 @@ pub fn order_by_reward(rewards: &[f64]) -> Vec<usize> {
     order
 }
 
-/// DPO: mean over every (better, worse) pair of each group of
-/// `−log σ(β·((π_b − ref_b) − (π_w − ref_w)))`, with `π`, `ref` the
-/// candidates' log-prob sums under the policy and the reference (the model
-/// without the adapter).
-pub fn dpo_loss(policy: &Tensor, reference: &Tensor, groups: &[Group], beta: f64) -> Result<Loss> {
+/// `−log σ(z) = softplus(−z) = max(−z, 0) + log(1 + e^{−|z|})`, stable for any `z`.
+pub fn neg_log_sigmoid(z: &Tensor) -> Result<Tensor> {
+    z.neg()?.relu()? + z.abs()?.neg()?.exp()?.affine(1.0, 1.0)?.log()?
+}
+
+/// The (better, worse) pairs a ranking implies, as candidate indices.
+fn ranked_pairs(groups: &[Group]) -> (Vec<u32>, Vec<u32>) {
     let (mut better, mut worse) = (Vec::new(), Vec::new());
     for g in groups {
         for i in 0..g.len() {
@@ -168,6 +170,33 @@ pub fn dpo_loss(policy: &Tensor, reference: &Tensor, groups: &[Group], beta: f64
             }
         }
     }
+    (better, worse)
+}
+
+/// Bradley–Terry loss of a reward model: mean over every (better, worse)
+/// pair of `−log σ(r_better − r_worse)`.
+pub fn bradley_terry_loss(rewards: &Tensor, groups: &[Group]) -> Result<Loss> {
+    let (better, worse) = ranked_pairs(groups);
+    if better.is_empty() {
+        candle_core::bail!("bradley-terry: no pairs in the batch");
+    }
+    let z = (rewards.index_select(&index(&better, rewards)?, 0)?
+        - rewards.index_select(&index(&worse, rewards)?, 0)?)?;
+    let total = neg_log_sigmoid(&z)?.mean(0)?;
+    Ok(Loss {
+        ranking: scalar(&total)?,
+        sft: 0.0,
+        total,
+        pairs: better.len(),
+    })
+}
+
+/// DPO: mean over every (better, worse) pair of each group of
+/// `−log σ(β·((π_b − ref_b) − (π_w − ref_w)))`, with `π`, `ref` the
+/// candidates' log-prob sums under the policy and the reference (the model
+/// without the adapter).
+pub fn dpo_loss(policy: &Tensor, reference: &Tensor, groups: &[Group], beta: f64) -> Result<Loss> {
+    let (better, worse) = ranked_pairs(groups);
     if better.is_empty() {
         candle_core::bail!("dpo: no pairs in the batch");
     }
@@ -175,9 +204,7 @@ pub fn dpo_loss(policy: &Tensor, reference: &Tensor, groups: &[Group], beta: f64
     let z = ((ratio.index_select(&index(&better, policy)?, 0)?
         - ratio.index_select(&index(&worse, policy)?, 0)?)?
         * beta)?;
-    // −log σ(z) = softplus(−z) = max(−z, 0) + log(1 + e^{−|z|}), stable for any z.
-    let softplus = (z.neg()?.relu()? + z.abs()?.neg()?.exp()?.affine(1.0, 1.0)?.log()?)?;
-    let total = softplus.mean(0)?;
+    let total = neg_log_sigmoid(&z)?.mean(0)?;
     Ok(Loss {
         ranking: scalar(&total)?,
         sft: 0.0,
@@ -256,6 +283,18 @@ mod tests {
         let r = rank_rewards(4, 3.0);
         assert_eq!(r, [12.0, 8.0, 4.0, 0.0]);
         assert_eq!(order_by_reward(&[0.5, 3.0, -1.0, 3.0]), [1, 3, 0, 2]);
+    }
+
+    #[test]
+    fn bradley_terry_matches_a_hand_computed_case() {
+        // r = (1.5, 0.5): −log σ(1) = log(1 + e^{−1}).
+        let r = Tensor::new(&[1.5f32, 0.5], &Device::Cpu).unwrap();
+        let groups = [Group {
+            start: 0,
+            rewards: vec![1.0, 0.0],
+        }];
+        let l = bradley_terry_loss(&r, &groups).unwrap();
+        assert!((l.ranking - (1.0 + (-1.0f64).exp()).ln()).abs() < 1e-6);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use attune_models::{Llama, LoraAdapter, PromptResponse, ResponseBatch};
 use candle_core::backprop::GradStore;
-use candle_core::Tensor;
+use candle_core::{Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
 use crate::loss::{clha_loss, dpo_loss, rank_rewards, ClhaParams, Group, Loss, Scores};
@@ -137,15 +137,16 @@ pub struct StepReport {
     pub seconds: f64,
 }
 
-/// The loss of `examples` under `lora` (`None`: the base model), and how many
-/// examples were skipped. `train` turns on adapter dropout.
+/// The loss of `examples` under `lora` (`None`: the base model; no loss when
+/// no example is usable), and how many examples were skipped (fewer than two
+/// candidates left after truncation). `train` turns on adapter dropout.
 pub fn batch_loss(
     model: &Llama,
     lora: Option<&LoraAdapter>,
     examples: &[Scored],
     cfg: &TrainConfig,
     train: bool,
-) -> candle_core::Result<Option<(Loss, usize)>> {
+) -> candle_core::Result<(Option<Loss>, usize)> {
     let all: Vec<PromptResponse> = examples
         .iter()
         .flat_map(|e| e.candidates.iter().cloned())
@@ -169,7 +170,7 @@ pub fn batch_loss(
         });
     }
     if groups.is_empty() {
-        return Ok(None);
+        return Ok((None, skipped));
     }
     let sums = model.response_logprobs(&batch, lora, train)?;
     let loss = match cfg.objective {
@@ -185,22 +186,23 @@ pub fn batch_loss(
             dpo_loss(&sums, &reference, &groups, beta)?
         }
     };
-    Ok(Some((loss, skipped)))
+    Ok((Some(loss), skipped))
 }
 
-/// Trains one LoRA adapter; owns its variables and the optimizer state.
-pub struct Trainer<'m> {
-    model: &'m Llama,
-    lora: LoraAdapter,
+/// Optimizer steps over a fixed set of variables: gradients accumulated over
+/// micro-batches, checked, clipped, then AdamW at the scheduled rate. Shared
+/// by the policy trainer and the reward-model trainer.
+pub struct Stepper {
     opt: AdamW,
+    vars: Vec<Var>,
     cfg: TrainConfig,
     step: usize,
 }
 
-impl<'m> Trainer<'m> {
-    pub fn new(model: &'m Llama, lora: LoraAdapter, cfg: TrainConfig) -> candle_core::Result<Self> {
+impl Stepper {
+    pub fn new(vars: Vec<Var>, cfg: TrainConfig) -> candle_core::Result<Self> {
         let opt = AdamW::new(
-            lora.vars(),
+            vars.clone(),
             ParamsAdamW {
                 lr: cfg.lr_at(0),
                 weight_decay: cfg.weight_decay,
@@ -208,16 +210,11 @@ impl<'m> Trainer<'m> {
             },
         )?;
         Ok(Self {
-            model,
-            lora,
             opt,
+            vars,
             cfg,
             step: 0,
         })
-    }
-
-    pub fn lora(&self) -> &LoraAdapter {
-        &self.lora
     }
 
     pub fn config(&self) -> &TrainConfig {
@@ -228,20 +225,23 @@ impl<'m> Trainer<'m> {
         self.step
     }
 
-    /// One optimizer step over `micro_batches` (gradients accumulated, each
-    /// micro-batch weighted equally).
-    pub fn step(&mut self, micro_batches: &[&[Scored]]) -> Result<StepReport, TrainError> {
+    /// One optimizer step; `loss_of(i)` gives micro-batch `i`'s loss (`None`:
+    /// nothing usable in it) and how many of its examples were skipped.
+    pub fn step(
+        &mut self,
+        micro_batches: usize,
+        examples: usize,
+        mut loss_of: impl FnMut(usize) -> candle_core::Result<(Option<Loss>, usize)>,
+    ) -> Result<StepReport, TrainError> {
         let start = Instant::now();
         let step = self.step;
-        let vars = self.lora.vars();
         let mut acc: Option<GradStore> = None;
         let (mut loss, mut ranking, mut sft) = (0.0, 0.0, 0.0);
-        let (mut pairs, mut examples, mut skipped, mut used) = (0, 0, 0, 0usize);
-        for mb in micro_batches {
-            examples += mb.len();
-            let Some((l, s)) = batch_loss(self.model, Some(&self.lora), mb, &self.cfg, true)?
-            else {
-                skipped += mb.len();
+        let (mut pairs, mut skipped, mut used) = (0, 0, 0usize);
+        for i in 0..micro_batches {
+            let (l, s) = loss_of(i)?;
+            skipped += s;
+            let Some(l) = l else {
                 continue;
             };
             let value = l
@@ -251,7 +251,6 @@ impl<'m> Trainer<'m> {
             if !value.is_finite() {
                 return Err(TrainError::NonFiniteLoss { step, loss: value });
             }
-            skipped += s;
             used += 1;
             loss += value;
             ranking += l.ranking;
@@ -261,7 +260,7 @@ impl<'m> Trainer<'m> {
             acc = Some(match acc {
                 None => grads,
                 Some(mut a) => {
-                    for v in &vars {
+                    for v in &self.vars {
                         if let Some(g) = grads.get(v.as_tensor()) {
                             let sum = match a.get(v.as_tensor()) {
                                 Some(prev) => (prev + g)?,
@@ -277,11 +276,10 @@ impl<'m> Trainer<'m> {
         let Some(mut grads) = acc else {
             return Err(TrainError::EmptyBatch { step });
         };
-        let scale = 1.0 / used as f64;
         let mut norm_sq = 0.0;
-        for v in &vars {
+        for v in &self.vars {
             if let Some(g) = grads.get(v.as_tensor()) {
-                let g = (g * scale)?;
+                let g = (g / used as f64)?;
                 norm_sq += g
                     .sqr()?
                     .sum_all()?
@@ -296,7 +294,7 @@ impl<'m> Trainer<'m> {
         }
         if self.cfg.max_grad_norm > 0.0 && norm > self.cfg.max_grad_norm {
             let clip = self.cfg.max_grad_norm / norm;
-            for v in &vars {
+            for v in &self.vars {
                 if let Some(g) = grads.get(v.as_tensor()) {
                     let g: Tensor = (g * clip)?;
                     grads.insert(v.as_tensor(), g);
@@ -307,17 +305,60 @@ impl<'m> Trainer<'m> {
         self.opt.set_learning_rate(lr);
         self.opt.step(&grads)?;
         self.step += 1;
+        let per = used as f64;
         Ok(StepReport {
             step,
-            loss: loss / used as f64,
-            ranking: ranking / used as f64,
-            sft: sft / used as f64,
+            loss: loss / per,
+            ranking: ranking / per,
+            sft: sft / per,
             pairs,
             examples,
             skipped,
             lr,
             grad_norm: norm,
             seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+/// Trains one LoRA adapter of the policy; owns its variables and the
+/// optimizer state.
+pub struct Trainer<'m> {
+    model: &'m Llama,
+    lora: LoraAdapter,
+    stepper: Stepper,
+}
+
+impl<'m> Trainer<'m> {
+    pub fn new(model: &'m Llama, lora: LoraAdapter, cfg: TrainConfig) -> candle_core::Result<Self> {
+        let stepper = Stepper::new(lora.vars(), cfg)?;
+        Ok(Self {
+            model,
+            lora,
+            stepper,
+        })
+    }
+
+    pub fn lora(&self) -> &LoraAdapter {
+        &self.lora
+    }
+
+    pub fn config(&self) -> &TrainConfig {
+        self.stepper.config()
+    }
+
+    pub fn steps_done(&self) -> usize {
+        self.stepper.steps_done()
+    }
+
+    /// One optimizer step over `micro_batches` (gradients accumulated, each
+    /// micro-batch weighted equally).
+    pub fn step(&mut self, micro_batches: &[&[Scored]]) -> Result<StepReport, TrainError> {
+        let examples = micro_batches.iter().map(|m| m.len()).sum();
+        let (model, lora) = (self.model, &self.lora);
+        let cfg = self.stepper.config().clone();
+        self.stepper.step(micro_batches.len(), examples, |i| {
+            batch_loss(model, Some(lora), micro_batches[i], &cfg, true)
         })
     }
 }

@@ -70,6 +70,22 @@ impl ChatTemplate {
         })
     }
 
+    /// The template's Jinja source.
+    pub fn text(&self) -> String {
+        self.env
+            .get_template("chat")
+            .map(|t| t.source().to_string())
+            .unwrap_or_default()
+    }
+
+    pub fn bos_token(&self) -> &str {
+        &self.bos_token
+    }
+
+    pub fn eos_token(&self) -> &str {
+        &self.eos_token
+    }
+
     /// Renders a conversation; with `add_generation_prompt` the text ends where the
     /// assistant's reply begins.
     pub fn render(

@@ -264,6 +264,11 @@ impl LinearGroup {
         Ok(parts)
     }
 
+    /// Output width of each projection.
+    pub fn outs(&self) -> &[usize] {
+        &self.outs
+    }
+
     /// The layers it holds (one when fused).
     pub fn linears(&self) -> &[FrozenLinear] {
         &self.linears
@@ -316,10 +321,11 @@ impl RmsNorm {
     /// elsewhere.
     pub fn forward_train(&self, xs: &Tensor) -> Result<Tensor> {
         if xs.device().is_cpu() && xs.dtype() == candle_core::DType::F32 {
-            xs.contiguous()?.apply_op1(crate::kernels::autograd::RmsNormOp {
-                weight: self.weight.to_dtype(candle_core::DType::F32)?,
-                eps: self.eps,
-            })
+            xs.contiguous()?
+                .apply_op1(crate::kernels::autograd::RmsNormOp {
+                    weight: self.weight.to_dtype(candle_core::DType::F32)?,
+                    eps: self.eps,
+                })
         } else {
             candle_nn::ops::rms_norm_slow(xs, &self.weight, self.eps)
         }
@@ -357,10 +363,11 @@ impl Rotary {
     /// Differentiable: rotates `xs` of shape `(batch, heads, positions, head_dim)`.
     pub fn apply_train(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         if xs.device().is_cpu() && xs.dtype() == candle_core::DType::F32 {
-            xs.contiguous()?.apply_op1(crate::kernels::autograd::RopeOp {
-                cos: cos.clone(),
-                sin: sin.clone(),
-            })
+            xs.contiguous()?
+                .apply_op1(crate::kernels::autograd::RopeOp {
+                    cos: cos.clone(),
+                    sin: sin.clone(),
+                })
         } else {
             candle_nn::rotary_emb::rope_slow(xs, cos, sin)
         }

@@ -145,6 +145,10 @@ pub struct AlignArgs {
     pub eval_limit: Option<usize>,
     #[arg(long, default_value_t = 50)]
     pub eval_every: usize,
+    /// Block size for the held-out evaluation (the training block size may be
+    /// smaller to save time).
+    #[arg(long, default_value_t = 512)]
+    pub eval_block_size: usize,
 }
 
 /// The preference store's location (overrides `store.path`).

@@ -73,18 +73,23 @@ impl RopeOp {
         let cos = self.cos.flatten_all()?.to_vec1::<f32>()?;
         let sin = self.sin.flatten_all()?.to_vec1::<f32>()?;
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(t * d).zip(x.par_chunks(t * d)).for_each(|(y, x)| {
-            for p in 0..t {
-                let (c, s) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
-                let (x, y) = (&x[p * d..(p + 1) * d], &mut y[p * d..(p + 1) * d]);
-                for i in 0..half {
-                    let (a, b) = (x[i], x[i + half]);
-                    let s = s[i] * sin_sign;
-                    y[i] = a * c[i] - b * s;
-                    y[i + half] = b * c[i] + a * s;
+        y.par_chunks_mut(t * d)
+            .zip(x.par_chunks(t * d))
+            .for_each(|(y, x)| {
+                for p in 0..t {
+                    let (c, s) = (
+                        &cos[p * half..(p + 1) * half],
+                        &sin[p * half..(p + 1) * half],
+                    );
+                    let (x, y) = (&x[p * d..(p + 1) * d], &mut y[p * d..(p + 1) * d]);
+                    for i in 0..half {
+                        let (a, b) = (x[i], x[i + half]);
+                        let s = s[i] * sin_sign;
+                        y[i] = a * c[i] - b * s;
+                        y[i + half] = b * c[i] + a * s;
+                    }
                 }
-            }
-        });
+            });
         Ok(y)
     }
 }
@@ -125,22 +130,28 @@ impl CustomOp1 for CausalSoftmaxOp {
         let dims = layout.shape().dims();
         let t = *dims.last().unwrap_or(&0);
         if dims.len() < 2 || dims[dims.len() - 2] != t {
-            candle_core::bail!("{}: expects square score matrices, got {:?}", self.name(), dims);
+            candle_core::bail!(
+                "{}: expects square score matrices, got {:?}",
+                self.name(),
+                dims
+            );
         }
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(t * t).zip(x.par_chunks(t * t)).for_each(|(y, x)| {
-            for i in 0..t {
-                let (x, y) = (&x[i * t..i * t + i + 1], &mut y[i * t..i * t + i + 1]);
-                let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * self.scale;
-                let mut sum = 0.0;
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = (x * self.scale - max).exp();
-                    sum += *y;
+        y.par_chunks_mut(t * t)
+            .zip(x.par_chunks(t * t))
+            .for_each(|(y, x)| {
+                for i in 0..t {
+                    let (x, y) = (&x[i * t..i * t + i + 1], &mut y[i * t..i * t + i + 1]);
+                    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * self.scale;
+                    let mut sum = 0.0;
+                    for (y, &x) in y.iter_mut().zip(x) {
+                        *y = (x * self.scale - max).exp();
+                        sum += *y;
+                    }
+                    let inv = 1.0 / sum;
+                    y.iter_mut().for_each(|v| *v *= inv);
                 }
-                let inv = 1.0 / sum;
-                y.iter_mut().for_each(|v| *v *= inv);
-            }
-        });
+            });
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
 
@@ -158,7 +169,16 @@ mod tests {
     use candle_core::{Device, Var};
 
     fn close(a: &Tensor, b: &Tensor, tol: f32) {
-        let d: f32 = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+        let d: f32 = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
         assert!(d < tol, "max difference {d}");
     }
 
@@ -177,9 +197,23 @@ mod tests {
         let v = Var::from_tensor(&x).unwrap();
         let (yf, yr) = (fused(v.as_tensor()), reference(v.as_tensor()));
         close(&yf, &yr, 1e-5);
-        let gf = (yf * &upstream).unwrap().sum_all().unwrap().backward().unwrap();
-        let gr = (yr * &upstream).unwrap().sum_all().unwrap().backward().unwrap();
-        close(gf.get(v.as_tensor()).unwrap(), gr.get(v.as_tensor()).unwrap(), 1e-4);
+        let gf = (yf * &upstream)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gr = (yr * &upstream)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        close(
+            gf.get(v.as_tensor()).unwrap(),
+            gr.get(v.as_tensor()).unwrap(),
+            1e-4,
+        );
     }
 
     #[test]
@@ -187,17 +221,32 @@ mod tests {
         let w = random(&[8], 1);
         check(
             random(&[3, 5, 8], 2),
-            |x| x.apply_op1(RmsNormOp { weight: w.clone(), eps: 1e-5 }).unwrap(),
+            |x| {
+                x.apply_op1(RmsNormOp {
+                    weight: w.clone(),
+                    eps: 1e-5,
+                })
+                .unwrap()
+            },
             |x| candle_nn::ops::rms_norm_slow(x, &w, 1e-5).unwrap(),
         );
     }
 
     #[test]
     fn rope_matches_the_composed_op_and_its_gradient() {
-        let (cos, sin) = (random(&[6, 4], 3).cos().unwrap(), random(&[6, 4], 3).sin().unwrap());
+        let (cos, sin) = (
+            random(&[6, 4], 3).cos().unwrap(),
+            random(&[6, 4], 3).sin().unwrap(),
+        );
         check(
             random(&[2, 3, 6, 8], 4),
-            |x| x.apply_op1(RopeOp { cos: cos.clone(), sin: sin.clone() }).unwrap(),
+            |x| {
+                x.apply_op1(RopeOp {
+                    cos: cos.clone(),
+                    sin: sin.clone(),
+                })
+                .unwrap()
+            },
             |x| candle_nn::rotary_emb::rope_slow(x, &cos, &sin).unwrap(),
         );
     }
@@ -212,7 +261,13 @@ mod tests {
         check(
             random(&[2, 3, t, t], 5),
             |x| x.apply_op1(CausalSoftmaxOp { scale: 0.125 }).unwrap(),
-            |x| candle_nn::ops::softmax(&(x * 0.125).unwrap().broadcast_add(&mask).unwrap(), D::Minus1).unwrap(),
+            |x| {
+                candle_nn::ops::softmax(
+                    &(x * 0.125).unwrap().broadcast_add(&mask).unwrap(),
+                    D::Minus1,
+                )
+                .unwrap()
+            },
         );
     }
 }

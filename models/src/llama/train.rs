@@ -198,6 +198,77 @@ impl Llama {
         out
     }
 
+    /// Every weight under its Hugging Face name, dense, with `lora` merged
+    /// into the projections it adapts (`W + scale·B·A`). For writing a
+    /// standalone checkpoint; tied models omit `lm_head.weight`.
+    pub fn hf_tensors(&self, lora: Option<&LoraAdapter>) -> Result<Vec<(String, Tensor)>> {
+        let mut out = vec![
+            ("model.embed_tokens.weight".to_string(), self.embed.clone()),
+            ("model.norm.weight".to_string(), self.norm.weight().clone()),
+        ];
+        if !self.cfg.tie_word_embeddings {
+            if let Some(w) = self.lm_head.dense_weight() {
+                out.push(("lm_head.weight".to_string(), w.clone()));
+            }
+        }
+        let merged = |layer: usize, target: LoraTarget, w: Tensor| -> Result<Tensor> {
+            match lora.and_then(|l| l.layer(layer, target).map(|p| (l, p))) {
+                Some((l, p)) => {
+                    let delta = (p.b.as_tensor().matmul(p.a.as_tensor())? * l.config().scale())?;
+                    w + delta
+                }
+                None => Ok(w),
+            }
+        };
+        let dense = |l: &crate::layers::FrozenLinear| -> Result<Tensor> {
+            l.dense_weight().cloned().ok_or_else(|| {
+                candle_core::Error::msg("writing weights needs a dense (f32) load of the model")
+            })
+        };
+        let split = |group: &crate::layers::LinearGroup| -> Result<Vec<Tensor>> {
+            if group.linears().len() == group.outs().len() {
+                return group.linears().iter().map(dense).collect();
+            }
+            let w = dense(&group.linears()[0])?;
+            let mut start = 0;
+            let mut parts = Vec::new();
+            for &n in group.outs() {
+                parts.push(w.narrow(0, start, n)?);
+                start += n;
+            }
+            Ok(parts)
+        };
+        for (i, b) in self.blocks.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let qkv = split(&b.attn.qkv)?;
+            let gate_up = split(&b.mlp.gate_up)?;
+            let linears = [
+                (LoraTarget::Q, qkv[0].clone()),
+                (LoraTarget::K, qkv[1].clone()),
+                (LoraTarget::V, qkv[2].clone()),
+                (LoraTarget::O, dense(&b.attn.o)?),
+                (LoraTarget::Gate, gate_up[0].clone()),
+                (LoraTarget::Up, gate_up[1].clone()),
+                (LoraTarget::Down, dense(&b.mlp.down)?),
+            ];
+            for (t, w) in linears {
+                out.push((
+                    format!("{p}.{}.weight", t.path()),
+                    merged(i, t, w)?.contiguous()?,
+                ));
+            }
+            out.push((
+                format!("{p}.input_layernorm.weight"),
+                b.attn_norm.weight().clone(),
+            ));
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                b.ffn_norm.weight().clone(),
+            ));
+        }
+        Ok(out)
+    }
+
     /// Makes frozen linears use candle's plain matmul backward, which also
     /// computes a gradient for each frozen weight; for measuring what the
     /// input-only backward saves.

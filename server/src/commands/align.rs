@@ -234,6 +234,7 @@ pub fn align(cfg: Config, args: AlignArgs) -> Result<()> {
                 data: path.clone(),
                 skip: args.eval_skip,
                 limit: args.eval_limit,
+                block_size: args.eval_block_size,
                 ..args.data.clone()
             };
             Some(load_data(&model, &eval_args, "eval")?)
@@ -264,7 +265,7 @@ pub fn align(cfg: Config, args: AlignArgs) -> Result<()> {
     let mut log = std::io::BufWriter::new(std::fs::File::create(args.out.join("train_log.jsonl"))?);
     let mut best: Option<f64> = None;
     if let Some(ed) = &eval_data {
-        let r = run_eval(&model, None, ed, tcfg.block_size, 4096)?;
+        let r = run_eval(&model, None, ed, args.eval_block_size, 4096)?;
         print_report(&r, "before training");
         best = Some(r.accuracy());
     }
@@ -305,7 +306,7 @@ pub fn align(cfg: Config, args: AlignArgs) -> Result<()> {
         let last = step + 1 == steps;
         if let Some(ed) = &eval_data {
             if (step + 1) % args.eval_every.max(1) == 0 || last {
-                let r = run_eval(&model, Some(trainer.lora()), ed, tcfg.block_size, 4096)?;
+                let r = run_eval(&model, Some(trainer.lora()), ed, args.eval_block_size, 4096)?;
                 pb.suspend(|| print_report(&r, &format!("step {}", step + 1)));
                 if best.is_none_or(|b| r.accuracy() > b) {
                     best = Some(r.accuracy());
