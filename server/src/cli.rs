@@ -37,6 +37,12 @@ pub enum Command {
     /// Score preference pairs with the model (and an adapter): preference
     /// accuracy and mean margin.
     Eval(EvalArgs),
+    /// Train a reward model (LoRA on the backbone plus a score head,
+    /// Bradley–Terry loss) on preference data.
+    TrainRm(Box<TrainRmArgs>),
+    /// Print a reward model's rewards for each response of each line, and its
+    /// preference accuracy.
+    Score(ScoreArgs),
 }
 
 /// Which preference lines to read, and how to turn them into tokens.
@@ -79,18 +85,9 @@ pub struct EvalArgs {
     pub batch_tokens: usize,
 }
 
-#[derive(Debug, Args)]
-pub struct AlignArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
-    #[command(flatten)]
-    pub data: DataArgs,
-    /// Where the adapter goes: `OUT/final`, and `OUT/best` with --eval-data.
-    #[arg(long)]
-    pub out: PathBuf,
-    /// `clha` or `dpo`.
-    #[arg(long, default_value = "clha")]
-    pub objective: String,
+/// Optimizer settings shared by `align` and `train-rm`.
+#[derive(Debug, Args, Clone)]
+pub struct OptimArgs {
     /// Optimizer steps; default: one pass over the data.
     #[arg(long)]
     pub steps: Option<usize>,
@@ -100,6 +97,7 @@ pub struct AlignArgs {
     /// Micro-batches per optimizer step.
     #[arg(long, default_value_t = 1)]
     pub accumulation: usize,
+    /// Peak learning rate (AdamW).
     #[arg(long, default_value_t = 2e-4)]
     pub lr: f64,
     #[arg(long, default_value_t = 10)]
@@ -112,6 +110,14 @@ pub struct AlignArgs {
     /// Clip the global gradient norm to this; 0 turns clipping off.
     #[arg(long, default_value_t = 1.0)]
     pub max_grad_norm: f64,
+    /// Seeds the adapter's initialisation and the data order.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// The LoRA adapter's shape.
+#[derive(Debug, Args, Clone)]
+pub struct LoraArgs {
     #[arg(long, default_value_t = 8)]
     pub rank: usize,
     #[arg(long, default_value_t = 16.0)]
@@ -121,6 +127,48 @@ pub struct AlignArgs {
     /// Projections to adapt (comma separated): q, k, v, o, gate, up, down.
     #[arg(long, value_delimiter = ',', default_value = "q,k,v,o")]
     pub targets: Vec<String>,
+}
+
+/// Held-out data evaluated during training.
+#[derive(Debug, Args, Clone)]
+pub struct HeldOutArgs {
+    /// Held-out pairs evaluated every --eval-every steps (and at the end);
+    /// the best adapter is kept in OUT/best.
+    #[arg(long)]
+    pub eval_data: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    pub eval_skip: usize,
+    #[arg(long)]
+    pub eval_limit: Option<usize>,
+    #[arg(long, default_value_t = 50)]
+    pub eval_every: usize,
+    /// Block size for the held-out evaluation (training may use a smaller one
+    /// to save time).
+    #[arg(long, default_value_t = 512)]
+    pub eval_block_size: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct AlignArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Where the adapter goes: `OUT/final`, and `OUT/best` with --eval-data.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// `clha` or `dpo`.
+    #[arg(long, default_value = "clha")]
+    pub objective: String,
+    /// Rescore with this reward model (a `LlamaForSequenceClassification`
+    /// directory): candidates re-ordered by reward, pairs filtered by τ.
+    /// Without it the human order is used and every pair counts.
+    #[arg(long)]
+    pub reward_model: Option<PathBuf>,
+    #[command(flatten)]
+    pub optim: OptimArgs,
+    #[command(flatten)]
+    pub lora: LoraArgs,
     /// CLHA: reward-difference threshold τ.
     #[arg(long, default_value_t = 3.0)]
     pub tau: f64,
@@ -133,22 +181,39 @@ pub struct AlignArgs {
     /// DPO: β.
     #[arg(long, default_value_t = 0.1)]
     pub beta: f64,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Held-out pairs evaluated every --eval-every steps (and at the end);
-    /// the best adapter by preference accuracy is kept in OUT/best.
+    #[command(flatten)]
+    pub held_out: HeldOutArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainRmArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// The reward model directory to write (`LlamaForSequenceClassification`).
     #[arg(long)]
-    pub eval_data: Option<PathBuf>,
-    #[arg(long, default_value_t = 0)]
-    pub eval_skip: usize,
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub optim: OptimArgs,
+    #[command(flatten)]
+    pub lora: LoraArgs,
+    #[command(flatten)]
+    pub held_out: HeldOutArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ScoreArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// The reward model (`LlamaForSequenceClassification` directory).
     #[arg(long)]
-    pub eval_limit: Option<usize>,
-    #[arg(long, default_value_t = 50)]
-    pub eval_every: usize,
-    /// Block size for the held-out evaluation (the training block size may be
-    /// smaller to save time).
-    #[arg(long, default_value_t = 512)]
-    pub eval_block_size: usize,
+    pub reward_model: PathBuf,
+    /// Sequences per forward batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
 }
 
 /// The preference store's location (overrides `store.path`).

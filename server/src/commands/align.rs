@@ -10,16 +10,16 @@ use anyhow::{bail, Context, Result};
 use attune_aligner::data::{read_examples, Template};
 use attune_aligner::eval::{evaluate, EvalReport};
 use attune_aligner::loss::ClhaParams;
-use attune_aligner::train::{Objective, Schedule, Scored, TrainConfig, Trainer};
+use attune_aligner::train::{Objective, Schedule, Scored, StepReport, TrainConfig, Trainer};
 use attune_config::Config;
 use attune_models::{LoadedModel, LoraAdapter, LoraConfig, LoraInit, LoraTarget, PromptResponse};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
-use crate::cli::{AlignArgs, DataArgs, EvalArgs};
+use crate::cli::{AlignArgs, DataArgs, EvalArgs, HeldOutArgs, LoraArgs, OptimArgs};
 
-fn bar(len: usize, what: &str) -> ProgressBar {
+pub(super) fn bar(len: usize, what: &str) -> ProgressBar {
     let pb = ProgressBar::new(len as u64);
     pb.set_style(
         ProgressStyle::with_template(
@@ -34,7 +34,7 @@ fn bar(len: usize, what: &str) -> ProgressBar {
 }
 
 /// The model with dense f32 weights, as training and scoring need.
-fn load_f32(mut cfg: Config) -> Result<LoadedModel> {
+pub(super) fn load_f32(mut cfg: Config) -> Result<LoadedModel> {
     cfg.model.weights = "f32".into();
     let start = Instant::now();
     let model = super::load_model(&cfg)?;
@@ -43,7 +43,11 @@ fn load_f32(mut cfg: Config) -> Result<LoadedModel> {
 }
 
 /// Reads and tokenizes the examples `args` selects.
-fn load_data(model: &LoadedModel, args: &DataArgs, what: &str) -> Result<Vec<Vec<PromptResponse>>> {
+pub(super) fn load_data(
+    model: &LoadedModel,
+    args: &DataArgs,
+    what: &str,
+) -> Result<Vec<Vec<PromptResponse>>> {
     let template: Template = args
         .template
         .parse()
@@ -159,16 +163,13 @@ pub fn eval(cfg: Config, args: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-fn train_config(args: &AlignArgs, total_steps: usize) -> Result<TrainConfig> {
-    let objective = match args.objective.as_str() {
-        "clha" => Objective::Clha(ClhaParams {
-            tau: args.tau,
-            mu: args.mu,
-            sft_weight: args.sft_weight,
-        }),
-        "dpo" => Objective::Dpo { beta: args.beta },
-        other => bail!("--objective: unknown objective `{other}`: expected `clha` or `dpo`"),
-    };
+/// Optimizer settings from the flags.
+pub(super) fn train_config(
+    objective: Objective,
+    args: &OptimArgs,
+    block_size: usize,
+    total_steps: usize,
+) -> Result<TrainConfig> {
     let schedule: Schedule = args
         .schedule
         .parse()
@@ -187,11 +188,12 @@ fn train_config(args: &AlignArgs, total_steps: usize) -> Result<TrainConfig> {
         schedule,
         total_steps,
         max_grad_norm: args.max_grad_norm,
-        block_size: args.data.block_size,
+        block_size,
     })
 }
 
-fn lora_config(args: &AlignArgs) -> Result<LoraConfig> {
+/// The adapter's shape from the flags.
+pub(super) fn lora_config(args: &LoraArgs) -> Result<LoraConfig> {
     let targets = args
         .targets
         .iter()
@@ -212,6 +214,72 @@ fn lora_config(args: &AlignArgs) -> Result<LoraConfig> {
     })
 }
 
+/// The held-out examples, tokenized like the training data.
+pub(super) fn held_out(
+    model: &LoadedModel,
+    data: &DataArgs,
+    args: &HeldOutArgs,
+) -> Result<Option<Vec<Vec<PromptResponse>>>> {
+    let Some(path) = &args.eval_data else {
+        return Ok(None);
+    };
+    let eval_args = DataArgs {
+        data: path.clone(),
+        skip: args.eval_skip,
+        limit: args.eval_limit,
+        block_size: args.eval_block_size,
+        ..data.clone()
+    };
+    Ok(Some(load_data(model, &eval_args, "eval")?))
+}
+
+/// Draws micro-batches from a data set in shuffled passes (seeded).
+pub(super) struct Sampler {
+    rng: rand::rngs::StdRng,
+    order: Vec<usize>,
+    len: usize,
+}
+
+impl Sampler {
+    pub(super) fn new(len: usize, seed: u64) -> Self {
+        Self {
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+            order: Vec::new(),
+            len,
+        }
+    }
+
+    /// `accumulation` micro-batches of `batch` indices each.
+    pub(super) fn draw(&mut self, accumulation: usize, batch: usize) -> Vec<Vec<usize>> {
+        (0..accumulation)
+            .map(|_| {
+                (0..batch)
+                    .map(|_| {
+                        if self.order.is_empty() {
+                            self.order = (0..self.len).collect();
+                            self.order.shuffle(&mut self.rng);
+                        }
+                        self.order.pop().expect("refilled")
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+pub(super) fn log_step(log: &mut impl Write, report: &StepReport) -> Result<()> {
+    writeln!(
+        log,
+        "{}",
+        serde_json::json!({
+            "step": report.step, "loss": report.loss, "ranking": report.ranking, "sft": report.sft,
+            "pairs": report.pairs, "skipped": report.skipped, "lr": report.lr,
+            "grad_norm": report.grad_norm, "seconds": report.seconds,
+        })
+    )?;
+    Ok(())
+}
+
 /// Peak resident memory of this process, from `/proc/self/status`.
 pub fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -226,66 +294,62 @@ pub fn peak_rss_mib() -> Option<f64> {
 }
 
 pub fn align(cfg: Config, args: AlignArgs) -> Result<()> {
-    let model = load_f32(cfg)?;
-    let data = load_data(&model, &args.data, "train")?;
-    let eval_data = match &args.eval_data {
-        Some(path) => {
-            let eval_args = DataArgs {
-                data: path.clone(),
-                skip: args.eval_skip,
-                limit: args.eval_limit,
-                block_size: args.eval_block_size,
-                ..args.data.clone()
-            };
-            Some(load_data(&model, &eval_args, "eval")?)
-        }
-        None => None,
+    let objective = match args.objective.as_str() {
+        "clha" => Objective::Clha(ClhaParams {
+            tau: args.tau,
+            mu: args.mu,
+            sft_weight: args.sft_weight,
+        }),
+        "dpo" => Objective::Dpo { beta: args.beta },
+        other => bail!("--objective: unknown objective `{other}`: expected `clha` or `dpo`"),
     };
-    let per_step = args.batch * args.accumulation;
-    let steps = args.steps.unwrap_or(data.len().div_ceil(per_step));
-    let tcfg = train_config(&args, steps)?;
-    let lcfg = lora_config(&args)?;
-    // No reward model yet: the human order counts, every pair in full.
-    let scored: Vec<Scored> = data
-        .into_iter()
-        .map(|candidates| Scored {
-            rewards: tcfg.objective.rank_rewards(candidates.len()),
-            candidates,
-        })
-        .collect();
+    let lcfg = lora_config(&args.lora)?;
+    let model = load_f32(cfg.clone())?;
+    let data = load_data(&model, &args.data, "train")?;
+    let eval_data = held_out(&model, &args.data, &args.held_out)?;
+    let o = &args.optim;
+    let steps = o
+        .steps
+        .unwrap_or(data.len().div_ceil(o.batch * o.accumulation));
+    let tcfg = train_config(objective, o, args.data.block_size, steps)?;
+    let scored: Vec<Scored> = match &args.reward_model {
+        Some(dir) => super::reward::rescore_all(&cfg, dir, data, &args.data)?,
+        None => {
+            tracing::info!("rescoring off: the human order is used and every pair counts");
+            data.into_iter()
+                .map(|candidates| Scored {
+                    rewards: tcfg.objective.rank_rewards(candidates.len()),
+                    candidates,
+                })
+                .collect()
+        }
+    };
     let lora = LoraAdapter::new(
         lcfg,
         model.model.config(),
         LoraInit::Peft,
-        args.seed,
+        o.seed,
         model.model.device(),
     )?;
-    let mut trainer = Trainer::new(&model.model, lora, tcfg.clone())?;
+    let mut trainer = Trainer::new(&model.model, lora, tcfg)?;
     std::fs::create_dir_all(&args.out).with_context(|| format!("--out {}", args.out.display()))?;
     let mut log = std::io::BufWriter::new(std::fs::File::create(args.out.join("train_log.jsonl"))?);
+    let h = &args.held_out;
     let mut best: Option<f64> = None;
     if let Some(ed) = &eval_data {
-        let r = run_eval(&model, None, ed, args.eval_block_size, 4096)?;
+        let r = run_eval(&model, None, ed, h.eval_block_size, 4096)?;
         print_report(&r, "before training");
         best = Some(r.accuracy());
     }
-    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
-    let mut order: Vec<usize> = Vec::new();
+    let mut sampler = Sampler::new(scored.len(), o.seed);
     let pb = bar(steps, "align");
     let start = Instant::now();
     for step in 0..steps {
-        let mut micro: Vec<Vec<Scored>> = Vec::with_capacity(args.accumulation);
-        for _ in 0..args.accumulation {
-            let mut mb = Vec::with_capacity(args.batch);
-            for _ in 0..args.batch {
-                if order.is_empty() {
-                    order = (0..scored.len()).collect();
-                    order.shuffle(&mut rng);
-                }
-                mb.push(scored[order.pop().expect("refilled")].clone());
-            }
-            micro.push(mb);
-        }
+        let micro: Vec<Vec<Scored>> = sampler
+            .draw(o.accumulation, o.batch)
+            .into_iter()
+            .map(|ids| ids.into_iter().map(|i| scored[i].clone()).collect())
+            .collect();
         let refs: Vec<&[Scored]> = micro.iter().map(Vec::as_slice).collect();
         let report = trainer.step(&refs)?;
         pb.set_message(format!(
@@ -293,20 +357,11 @@ pub fn align(cfg: Config, args: AlignArgs) -> Result<()> {
             report.loss, report.ranking, report.sft, report.lr
         ));
         pb.inc(1);
-        writeln!(
-            log,
-            "{}",
-            serde_json::json!({
-                "step": report.step, "loss": report.loss, "ranking": report.ranking, "sft": report.sft,
-                "pairs": report.pairs, "skipped": report.skipped, "lr": report.lr,
-                "grad_norm": report.grad_norm, "seconds": report.seconds,
-            })
-        )?;
-        tracing::debug!(?report, "step");
+        log_step(&mut log, &report)?;
         let last = step + 1 == steps;
         if let Some(ed) = &eval_data {
-            if (step + 1) % args.eval_every.max(1) == 0 || last {
-                let r = run_eval(&model, Some(trainer.lora()), ed, args.eval_block_size, 4096)?;
+            if (step + 1) % h.eval_every.max(1) == 0 || last {
+                let r = run_eval(&model, Some(trainer.lora()), ed, h.eval_block_size, 4096)?;
                 pb.suspend(|| print_report(&r, &format!("step {}", step + 1)));
                 if best.is_none_or(|b| r.accuracy() > b) {
                     best = Some(r.accuracy());
@@ -331,7 +386,7 @@ pub fn align(cfg: Config, args: AlignArgs) -> Result<()> {
         Path::new(&args.out).join("final").display()
     );
     if let Some(b) = best {
-        println!("best held-out preference accuracy {b:.4} (OUT/best holds it when training improved on the base model)");
+        println!("best held-out preference accuracy {b:.4} (in OUT/best when training improved on the base model)");
     }
     Ok(())
 }

@@ -6,6 +6,7 @@ mod bench;
 mod bench_train;
 mod feedback;
 mod generate;
+mod reward;
 mod serve;
 
 use anyhow::{bail, Context, Result};
@@ -47,6 +48,14 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => {
             let cfg = load_config(cli.config.as_deref(), &args.model)?;
             align::eval(cfg, args)
+        }
+        Command::TrainRm(args) => {
+            let cfg = load_config(cli.config.as_deref(), &args.model)?;
+            reward::train_rm(cfg, *args)
+        }
+        Command::Score(args) => {
+            let cfg = load_config(cli.config.as_deref(), &args.model)?;
+            reward::score(cfg, args)
         }
         Command::Feedback(cmd) => {
             let cfg = load_config(cli.config.as_deref(), &ModelArgs::default())?;

@@ -1,5 +1,6 @@
 //! `attune serve` as a child process over a tiny model, for tests that signal
 //! or kill it.
+#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
