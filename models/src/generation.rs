@@ -207,6 +207,17 @@ pub fn generate_batch(
     model: &crate::llama::Llama,
     tok: &TextTokenizer,
     requests: Vec<(Vec<u32>, SamplingParams, StopConditions)>,
+    on_step: impl FnMut(usize, &StepOutput),
+) -> Result<Vec<Generated>, ModelError> {
+    generate_batch_adapted(model, tok, None, requests, on_step)
+}
+
+/// [`generate_batch`] with a LoRA adapter applied (unmerged) to every sequence.
+pub fn generate_batch_adapted(
+    model: &crate::llama::Llama,
+    tok: &TextTokenizer,
+    adapter: Option<&crate::lora::LoraAdapter>,
+    requests: Vec<(Vec<u32>, SamplingParams, StopConditions)>,
     mut on_step: impl FnMut(usize, &StepOutput),
 ) -> Result<Vec<Generated>, ModelError> {
     use crate::llama::LogitsFor;
@@ -221,7 +232,8 @@ pub fn generate_batch(
     let t0 = Instant::now();
     let prompts: Vec<&[u32]> = requests.iter().map(|r| r.0.as_slice()).collect();
     let mut refs: Vec<&mut crate::kv_cache::KvCache> = caches.iter_mut().collect();
-    let logits = model.forward(&prompts, &mut refs, LogitsFor::Last)?;
+    let adapters = vec![adapter; requests.len()];
+    let logits = model.forward_adapted(&prompts, &mut refs, &adapters, LogitsFor::Last)?;
     let mut rows: Vec<Vec<f32>> = logits.to_vec2()?;
     let prefill_secs = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
@@ -251,7 +263,8 @@ pub fn generate_batch(
             .filter(|(i, _)| next.iter().any(|(j, _)| j == i))
             .map(|(_, c)| c)
             .collect();
-        let logits = model.forward(&tok_refs, &mut active, LogitsFor::Last)?;
+        let logits =
+            model.forward_adapted(&tok_refs, &mut active, &adapters[..next.len()], LogitsFor::Last)?;
         let new_rows: Vec<Vec<f32>> = logits.to_vec2()?;
         for ((i, _), row) in next.iter().zip(new_rows) {
             rows[*i] = row;

@@ -384,8 +384,21 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.forward_adapted(xs, |_, _, y| Ok(y))
+    }
+
+    /// `forward` with `adapt(target, input, output)` applied to each
+    /// projection's output (LoRA updates).
+    pub fn forward_adapted(
+        &self,
+        xs: &Tensor,
+        adapt: impl Fn(crate::lora::LoraTarget, &Tensor, Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        use crate::lora::LoraTarget;
         let gu = self.gate_up.forward(xs)?;
-        let gate = candle_nn::ops::silu(&gu[0])?;
-        self.down.forward(&(gate * &gu[1])?)
+        let gate = adapt(LoraTarget::Gate, xs, gu[0].clone())?;
+        let up = adapt(LoraTarget::Up, xs, gu[1].clone())?;
+        let act = (candle_nn::ops::silu(&gate)? * up)?;
+        adapt(LoraTarget::Down, &act, self.down.forward(&act)?)
     }
 }

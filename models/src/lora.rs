@@ -205,6 +205,23 @@ impl LoraAdapter {
         self.named_vars().into_iter().map(|(_, v)| v).collect()
     }
 
+    /// [`LoraAdapter::delta`] for serving: no gradient tracking, no dropout,
+    /// computed in the adapter's dtype and returned in `xs`'s.
+    pub fn delta_inference(
+        &self,
+        layer: usize,
+        target: LoraTarget,
+        xs: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        let Some(l) = self.layer(layer, target) else {
+            return Ok(None);
+        };
+        let (a, b) = (l.a.as_tensor().detach(), l.b.as_tensor().detach());
+        let x = xs.to_dtype(a.dtype())?;
+        let y = x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
+        Ok(Some((y * self.cfg.scale())?.to_dtype(xs.dtype())?))
+    }
+
     /// The adapter's contribution `scale · (x·Aᵀ)·Bᵀ` for one projection, or
     /// `None` when it does not adapt it. `train` applies dropout.
     pub fn delta(

@@ -15,6 +15,7 @@ use crate::checkpoint::{Checkpoint, LinearWeight, WeightFormat};
 use crate::error::{LoadError, ModelError};
 use crate::kv_cache::KvCache;
 use crate::layers::{FrozenLinear, LinearGroup, Mlp, RmsNorm, Rotary};
+use crate::lora::{LoraAdapter, LoraTarget};
 
 /// Which positions `forward` returns logits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,13 +52,90 @@ struct Span {
 }
 
 /// What every layer of one batched step shares: the rotary tables for the rows'
-/// positions and where each sequence's rows are.
+/// positions, where each sequence's rows are, and which adapters apply.
 struct StepRows<'a> {
     cos: Tensor,
     sin: Tensor,
     spans: &'a [Span],
     /// Use the CPU attention kernel (f32 tensors on the CPU).
     cpu_kernel: bool,
+    lora: Option<RowAdapters<'a>>,
+}
+
+/// The LoRA adapters of one step, unmerged, each with the rows it applies to
+/// (`None`: every row), so sequences of different generations share a batch.
+struct RowAdapters<'a> {
+    groups: Vec<(&'a LoraAdapter, Option<Tensor>)>,
+}
+
+impl<'a> RowAdapters<'a> {
+    /// Groups the sequences by adapter; `None` when no sequence has one.
+    fn new(
+        spans: &[Span],
+        adapters: &[Option<&'a LoraAdapter>],
+        device: &Device,
+    ) -> candle_core::Result<Option<Self>> {
+        if adapters.iter().all(Option::is_none) {
+            return Ok(None);
+        }
+        let mut groups: Vec<(&'a LoraAdapter, Vec<u32>)> = Vec::new();
+        for (span, adapter) in spans.iter().zip(adapters) {
+            let Some(a) = adapter else { continue };
+            let rows = (span.offset..span.offset + span.len).map(|r| r as u32);
+            match groups.iter_mut().find(|(g, _)| std::ptr::eq(*g, *a)) {
+                Some((_, r)) => r.extend(rows),
+                None => groups.push((a, rows.collect())),
+            }
+        }
+        let total: usize = spans.iter().map(|s| s.len).sum();
+        let groups = groups
+            .into_iter()
+            .map(|(a, rows)| {
+                if rows.len() == total {
+                    Ok((a, None))
+                } else {
+                    let n = rows.len();
+                    Ok((a, Some(Tensor::from_vec(rows, n, device)?)))
+                }
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Some(Self { groups }))
+    }
+
+    /// `y` plus each adapter's update of `target` on its rows.
+    fn apply(
+        &self,
+        layer: usize,
+        target: LoraTarget,
+        x: &Tensor,
+        mut y: Tensor,
+    ) -> candle_core::Result<Tensor> {
+        for (a, rows) in &self.groups {
+            match rows {
+                None => {
+                    if let Some(d) = a.delta_inference(layer, target, x)? {
+                        y = (y + d)?;
+                    }
+                }
+                Some(rows) => {
+                    let xs = x.index_select(rows, 0)?;
+                    if let Some(d) = a.delta_inference(layer, target, &xs)? {
+                        y = y.index_add(rows, &d, 0)?;
+                    }
+                }
+            }
+        }
+        Ok(y)
+    }
+}
+
+impl StepRows<'_> {
+    fn adapt(&self, layer: usize, target: LoraTarget, x: &Tensor, y: Tensor) -> candle_core::Result<Tensor> {
+        match &self.lora {
+            Some(l) => l.apply(layer, target, x, y),
+            None => Ok(y),
+        }
+    }
 }
 
 /// A LLaMA-family causal language model. Weights are read-only after load, so one
@@ -98,6 +176,9 @@ impl Attention {
             (Some(q), Some(k), Some(v)) => (q, k, v),
             _ => candle_core::bail!("q/k/v projection group must give three outputs"),
         };
+        let q = rows.adapt(layer, LoraTarget::Q, xs, q)?;
+        let k = rows.adapt(layer, LoraTarget::K, xs, k)?;
+        let v = rows.adapt(layer, LoraTarget::V, xs, v)?;
         let q = Rotary::apply(&heads_first(q, h)?, cos, sin)?;
         let k = Rotary::apply(&heads_first(k, kvh)?, cos, sin)?;
         let v = heads_first(v, kvh)?;
@@ -114,7 +195,7 @@ impl Attention {
         }
         if rows.cpu_kernel && xs.device().is_cpu() && xs.dtype() == DType::F32 {
             let out = self.attend_cpu(&q, spans, &kv, total)?;
-            return self.o.forward(&out);
+            return rows.adapt(layer, LoraTarget::O, &out, self.o.forward(&out)?);
         }
         let rep = h / kvh;
         let scale = 1.0 / (hd as f64).sqrt();
@@ -146,7 +227,7 @@ impl Attention {
         } else {
             Tensor::cat(&outs, 0)?
         };
-        self.o.forward(&out)
+        rows.adapt(layer, LoraTarget::O, &out, self.o.forward(&out)?)
     }
 }
 
@@ -377,7 +458,20 @@ impl Llama {
         caches: &mut [&mut KvCache],
         which: LogitsFor,
     ) -> Result<Tensor, ModelError> {
-        if tokens.len() != caches.len() {
+        self.forward_adapted(tokens, caches, &[], which)
+    }
+
+    /// [`Llama::forward`] with a LoRA adapter per sequence (`adapters[i]`,
+    /// `None` or missing: the base model), applied unmerged so that sequences
+    /// of different adapter generations run in one batch.
+    pub fn forward_adapted(
+        &self,
+        tokens: &[&[u32]],
+        caches: &mut [&mut KvCache],
+        adapters: &[Option<&LoraAdapter>],
+        which: LogitsFor,
+    ) -> Result<Tensor, ModelError> {
+        if tokens.len() != caches.len() || adapters.len() > tokens.len() {
             return Err(ModelError::BatchMismatch {
                 tokens: tokens.len(),
                 caches: caches.len(),
@@ -418,6 +512,7 @@ impl Llama {
             sin,
             spans: &spans,
             cpu_kernel: !self.tensor_attention,
+            lora: RowAdapters::new(&spans, adapters, &self.device)?,
         };
         let mut xs = self.embed.index_select(&ids, 0)?;
         for (layer, block) in self.blocks.iter().enumerate() {
@@ -426,7 +521,11 @@ impl Llama {
                 .attn
                 .forward(layer, &block.attn_norm.forward(&xs)?, &rows, caches)?;
             let xs1 = (h + residual)?;
-            let h = block.mlp.forward(&block.ffn_norm.forward(&xs1)?)?;
+            let h = block
+                .mlp
+                .forward_adapted(&block.ffn_norm.forward(&xs1)?, |t, x, y| {
+                    rows.adapt(layer, t, x, y)
+                })?;
             xs = (h + xs1)?;
         }
         let xs = match which {
