@@ -263,8 +263,12 @@ pub fn generate_batch_adapted(
             .filter(|(i, _)| next.iter().any(|(j, _)| j == i))
             .map(|(_, c)| c)
             .collect();
-        let logits =
-            model.forward_adapted(&tok_refs, &mut active, &adapters[..next.len()], LogitsFor::Last)?;
+        let logits = model.forward_adapted(
+            &tok_refs,
+            &mut active,
+            &adapters[..next.len()],
+            LogitsFor::Last,
+        )?;
         let new_rows: Vec<Vec<f32>> = logits.to_vec2()?;
         for ((i, _), row) in next.iter().zip(new_rows) {
             rows[*i] = row;

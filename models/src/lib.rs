@@ -21,7 +21,8 @@ pub use chat_template::{ChatMessage, ChatTemplate};
 pub use checkpoint::{Checkpoint, WeightFormat};
 pub use error::{LoadError, ModelError};
 pub use generation::{
-    generate, generate_batch, generate_batch_adapted, FinishReason, Generated, SequenceState, StepOutput, StopConditions,
+    generate, generate_batch, generate_batch_adapted, FinishReason, Generated, SequenceState,
+    StepOutput, StopConditions,
 };
 pub use kv_cache::KvCache;
 pub use llama::{Llama, LlamaConfig, LogitsFor, PromptResponse, ResponseBatch};

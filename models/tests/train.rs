@@ -295,7 +295,14 @@ fn a_broken_adapter_directory_gets_an_error_naming_the_file() {
 #[test]
 fn the_serving_forward_applies_adapters_unmerged_per_sequence() {
     let (_dir, model) = tiny(TinySpec::default());
-    let lora = LoraAdapter::new(all_targets(), model.config(), LoraInit::Random, 11, &Device::Cpu).unwrap();
+    let lora = LoraAdapter::new(
+        all_targets(),
+        model.config(),
+        LoraInit::Random,
+        11,
+        &Device::Cpu,
+    )
+    .unwrap();
     let a: Vec<u32> = vec![3, 14, 15, 92, 65];
     let b: Vec<u32> = vec![35, 89, 79];
     // With the adapter, the serving path equals the training path.
@@ -303,25 +310,46 @@ fn the_serving_forward_applies_adapters_unmerged_per_sequence() {
     let serving = model
         .forward_adapted(&[&a], &mut [&mut cache], &[Some(&lora)], LogitsFor::All)
         .unwrap();
-    let t = Tensor::new(a.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let training = model.forward_train(&t, Some(&lora), false).unwrap().squeeze(0).unwrap();
+    let t = Tensor::new(a.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let training = model
+        .forward_train(&t, Some(&lora), false)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
     assert!(max_abs_diff(&serving, &training) < 1e-4);
     // A batch mixing an adapted and a base sequence gives each its own logits,
     // in prefill and in a decode step.
     let alone = |toks: &[u32], adapter: Option<&LoraAdapter>| {
         let mut c = model.new_cache();
-        let first = model.forward_adapted(&[toks], &mut [&mut c], &[adapter], LogitsFor::Last).unwrap();
-        let next = model.forward_adapted(&[&[7]], &mut [&mut c], &[adapter], LogitsFor::Last).unwrap();
+        let first = model
+            .forward_adapted(&[toks], &mut [&mut c], &[adapter], LogitsFor::Last)
+            .unwrap();
+        let next = model
+            .forward_adapted(&[&[7]], &mut [&mut c], &[adapter], LogitsFor::Last)
+            .unwrap();
         (first, next)
     };
     let (a1, a2) = alone(&a, Some(&lora));
     let (b1, b2) = alone(&b, None);
     let (mut ca, mut cb) = (model.new_cache(), model.new_cache());
     let first = model
-        .forward_adapted(&[&a, &b], &mut [&mut ca, &mut cb], &[Some(&lora), None], LogitsFor::Last)
+        .forward_adapted(
+            &[&a, &b],
+            &mut [&mut ca, &mut cb],
+            &[Some(&lora), None],
+            LogitsFor::Last,
+        )
         .unwrap();
     let next = model
-        .forward_adapted(&[&[7], &[7]], &mut [&mut ca, &mut cb], &[Some(&lora), None], LogitsFor::Last)
+        .forward_adapted(
+            &[&[7], &[7]],
+            &mut [&mut ca, &mut cb],
+            &[Some(&lora), None],
+            LogitsFor::Last,
+        )
         .unwrap();
     assert!(max_abs_diff(&first.get(0).unwrap(), &a1.squeeze(0).unwrap()) < 1e-4);
     assert!(max_abs_diff(&first.get(1).unwrap(), &b1.squeeze(0).unwrap()) < 1e-4);

@@ -83,6 +83,17 @@ pub struct EvalArgs {
     /// Tokens per forward batch.
     #[arg(long, default_value_t = 4096)]
     pub batch_tokens: usize,
+    /// Also generate greedily for each prompt and report the mean reward of
+    /// the generations under this reward model, and their BLEU against the
+    /// preferred response.
+    #[arg(long)]
+    pub reward_model: Option<PathBuf>,
+    /// New tokens per generation (cut earlier at the next turn marker).
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// Prompts generated together.
+    #[arg(long, default_value_t = 8)]
+    pub gen_batch: usize,
 }
 
 /// Optimizer settings shared by `align` and `train-rm`.

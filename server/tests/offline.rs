@@ -152,6 +152,28 @@ fn train_rm_score_align_and_eval_run_end_to_end() {
         dir.path(),
     ));
     assert!(out.contains("with adapter: preference accuracy"), "{out}");
+    let out = ok(&attune(
+        &[
+            "eval",
+            "--data",
+            d,
+            "--limit",
+            "3",
+            "--adapter",
+            adapter.join("final").to_str().unwrap(),
+            "--block-size",
+            "64",
+            "--reward-model",
+            rm.to_str().unwrap(),
+            "--max-new-tokens",
+            "4",
+        ],
+        dir.path(),
+    ));
+    assert!(
+        out.contains("greedy generations on 3 prompts: mean reward"),
+        "{out}"
+    );
     // 8 ranked lines of 3 responses (3 pairs each) and one HH pair.
     let pairs = std::fs::read_to_string(&per_pair).unwrap();
     assert_eq!(pairs.lines().count(), 8 * 3 + 1);

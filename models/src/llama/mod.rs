@@ -130,7 +130,13 @@ impl<'a> RowAdapters<'a> {
 }
 
 impl StepRows<'_> {
-    fn adapt(&self, layer: usize, target: LoraTarget, x: &Tensor, y: Tensor) -> candle_core::Result<Tensor> {
+    fn adapt(
+        &self,
+        layer: usize,
+        target: LoraTarget,
+        x: &Tensor,
+        y: Tensor,
+    ) -> candle_core::Result<Tensor> {
         match &self.lora {
             Some(l) => l.apply(layer, target, x, y),
             None => Ok(y),

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use attune_aligner::data::{read_examples, Template};
-use attune_aligner::eval::{evaluate, EvalReport};
+use attune_aligner::eval::{evaluate, generation_metrics, EvalReport};
 use attune_aligner::loss::ClhaParams;
 use attune_aligner::train::{Objective, Schedule, Scored, StepReport, TrainConfig, Trainer};
 use attune_config::Config;
@@ -117,6 +117,7 @@ fn print_report(report: &EvalReport, what: &str) {
 }
 
 pub fn eval(cfg: Config, args: EvalArgs) -> Result<()> {
+    let model_cfg = cfg.clone();
     let model = load_f32(cfg)?;
     let data = load_data(&model, &args.data, "eval")?;
     let lora = match &args.adapter {
@@ -134,19 +135,39 @@ pub fn eval(cfg: Config, args: EvalArgs) -> Result<()> {
         args.data.block_size,
         args.batch_tokens,
     )?;
-    print_report(
-        &report,
-        if lora.is_some() {
-            "with adapter"
-        } else {
-            "base model"
-        },
-    );
+    let what = if lora.is_some() {
+        "with adapter"
+    } else {
+        "base model"
+    };
+    print_report(&report, what);
     println!(
         "scored {} examples in {:.1}s",
         data.len(),
         start.elapsed().as_secs_f64()
     );
+    if let Some(dir) = &args.reward_model {
+        let rm = super::reward::load_rm(&model_cfg, dir)?;
+        let start = Instant::now();
+        let pb = bar(data.len(), "generate");
+        let g = generation_metrics(
+            &model,
+            lora.as_ref(),
+            &rm,
+            &data,
+            args.max_new_tokens,
+            args.gen_batch,
+            |done| pb.set_position(done.min(data.len()) as u64),
+        )?;
+        pb.finish_and_clear();
+        println!(
+            "{what}: greedy generations on {} prompts: mean reward {:+.4}, BLEU {:.2} against the preferred response ({:.1}s)",
+            g.prompts,
+            g.mean_reward,
+            g.bleu,
+            start.elapsed().as_secs_f64()
+        );
+    }
     if let Some(path) = &args.per_pair {
         let mut out = std::io::BufWriter::new(
             std::fs::File::create(path)

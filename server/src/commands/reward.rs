@@ -21,7 +21,7 @@ use crate::cli::{DataArgs, ScoreArgs, TrainRmArgs};
 /// Sequences per reward-model forward when scoring.
 const SCORE_BATCH: usize = 8;
 
-fn load_rm(cfg: &Config, dir: &Path) -> Result<RewardModel> {
+pub(super) fn load_rm(cfg: &Config, dir: &Path) -> Result<RewardModel> {
     let device = super::device(cfg)?;
     let start = Instant::now();
     let rm = RewardModel::load(dir, &device)
