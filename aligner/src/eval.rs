@@ -121,6 +121,14 @@ pub struct GenerationReport {
     pub texts: Vec<String>,
 }
 
+/// How the generations of [`generation_metrics`] are made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GenerationSettings {
+    pub max_new_tokens: usize,
+    /// Prompts generated together.
+    pub batch: usize,
+}
+
 /// Greedy generations (up to `max_new_tokens`, cut at the next
 /// `"Human:"`/`"Assistant:"` turn marker) for the prompt of each example,
 /// scored by `rm` and compared with the example's best candidate by BLEU.
@@ -129,10 +137,10 @@ pub fn generation_metrics(
     lora: Option<&LoraAdapter>,
     rm: &attune_models::RewardModel,
     examples: &[Vec<PromptResponse>],
-    max_new_tokens: usize,
-    batch: usize,
+    settings: GenerationSettings,
     mut progress: impl FnMut(usize),
 ) -> Result<GenerationReport, attune_models::ModelError> {
+    let (max_new_tokens, batch) = (settings.max_new_tokens, settings.batch);
     use attune_models::{generate_batch_adapted, SamplingParams, StopConditions};
     let tok = &model.tokenizer;
     let stops = StopConditions {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use attune_aligner::data::{read_examples, Template};
-use attune_aligner::eval::{evaluate, generation_metrics, EvalReport};
+use attune_aligner::eval::{evaluate, generation_metrics, EvalReport, GenerationSettings};
 use attune_aligner::loss::ClhaParams;
 use attune_aligner::train::{Objective, Schedule, Scored, StepReport, TrainConfig, Trainer};
 use attune_config::Config;
@@ -155,8 +155,10 @@ pub fn eval(cfg: Config, args: EvalArgs) -> Result<()> {
             lora.as_ref(),
             &rm,
             &data,
-            args.max_new_tokens,
-            args.gen_batch,
+            GenerationSettings {
+                max_new_tokens: args.max_new_tokens,
+                batch: args.gen_batch,
+            },
             |done| pb.set_position(done.min(data.len()) as u64),
         )?;
         pb.finish_and_clear();
