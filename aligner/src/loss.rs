@@ -180,8 +180,13 @@ pub fn bradley_terry_loss(rewards: &Tensor, groups: &[Group]) -> Result<Loss> {
     if better.is_empty() {
         candle_core::bail!("bradley-terry: no pairs in the batch");
     }
-    let z = (rewards.index_select(&index(&better, rewards)?, 0)?
-        - rewards.index_select(&index(&worse, rewards)?, 0)?)?;
+    pairwise_logistic(rewards, &better, &worse, 1.0)
+}
+
+/// Mean of `−log σ(scale·(x_better − x_worse))` over the given pairs.
+fn pairwise_logistic(x: &Tensor, better: &[u32], worse: &[u32], scale: f64) -> Result<Loss> {
+    let z = ((x.index_select(&index(better, x)?, 0)? - x.index_select(&index(worse, x)?, 0)?)?
+        * scale)?;
     let total = neg_log_sigmoid(&z)?.mean(0)?;
     Ok(Loss {
         ranking: scalar(&total)?,
@@ -201,16 +206,7 @@ pub fn dpo_loss(policy: &Tensor, reference: &Tensor, groups: &[Group], beta: f64
         candle_core::bail!("dpo: no pairs in the batch");
     }
     let ratio = (policy - reference.detach())?;
-    let z = ((ratio.index_select(&index(&better, policy)?, 0)?
-        - ratio.index_select(&index(&worse, policy)?, 0)?)?
-        * beta)?;
-    let total = neg_log_sigmoid(&z)?.mean(0)?;
-    Ok(Loss {
-        ranking: scalar(&total)?,
-        sft: 0.0,
-        total,
-        pairs: better.len(),
-    })
+    pairwise_logistic(&ratio, &better, &worse, beta)
 }
 
 #[cfg(test)]

@@ -251,10 +251,15 @@ impl LinearGroup {
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Vec<Tensor>> {
+        self.run(|l| l.forward(xs))
+    }
+
+    /// One output per projection: each layer's, or the fused layer's split.
+    fn run(&self, forward: impl Fn(&FrozenLinear) -> Result<Tensor>) -> Result<Vec<Tensor>> {
         if self.linears.len() == self.outs.len() {
-            return self.linears.iter().map(|l| l.forward(xs)).collect();
+            return self.linears.iter().map(forward).collect();
         }
-        let y = self.linears[0].forward(xs)?;
+        let y = forward(&self.linears[0])?;
         let mut start = 0;
         let mut parts = Vec::with_capacity(self.outs.len());
         for &n in &self.outs {
@@ -276,21 +281,7 @@ impl LinearGroup {
 
     /// [`LinearGroup::forward`], differentiable (see [`FrozenLinear::forward_train`]).
     pub fn forward_train(&self, xs: &Tensor, input_grad_only: bool) -> Result<Vec<Tensor>> {
-        if self.linears.len() == self.outs.len() {
-            return self
-                .linears
-                .iter()
-                .map(|l| l.forward_train(xs, input_grad_only))
-                .collect();
-        }
-        let y = self.linears[0].forward_train(xs, input_grad_only)?;
-        let mut start = 0;
-        let mut parts = Vec::with_capacity(self.outs.len());
-        for &n in &self.outs {
-            parts.push(y.narrow(D::Minus1, start, n)?);
-            start += n;
-        }
-        Ok(parts)
+        self.run(|l| l.forward_train(xs, input_grad_only))
     }
 }
 

@@ -27,6 +27,18 @@ fn all_targets() -> LoraConfig {
     }
 }
 
+/// A LoRA adapter on every projection, with random A and B.
+fn random_lora(model: &Llama, seed: u64) -> LoraAdapter {
+    LoraAdapter::new(
+        all_targets(),
+        model.config(),
+        LoraInit::Random,
+        seed,
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
 fn pairs() -> Vec<PromptResponse> {
     vec![
         PromptResponse {
@@ -90,14 +102,7 @@ fn training_forward_matches_the_serving_forward() {
 #[test]
 fn a_rows_score_does_not_depend_on_the_batch_it_is_in() {
     let (_dir, model) = tiny(TinySpec::default());
-    let lora = LoraAdapter::new(
-        all_targets(),
-        model.config(),
-        LoraInit::Random,
-        3,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let lora = random_lora(&model, 3);
     let all = model
         .response_logprobs(&ResponseBatch::new(&pairs(), 64), Some(&lora), false)
         .unwrap()
@@ -122,14 +127,7 @@ fn a_rows_score_does_not_depend_on_the_batch_it_is_in() {
 #[test]
 fn every_lora_variable_gets_a_gradient_and_no_frozen_weight_does() {
     let (_dir, model) = tiny(TinySpec::default());
-    let lora = LoraAdapter::new(
-        all_targets(),
-        model.config(),
-        LoraInit::Random,
-        3,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let lora = random_lora(&model, 3);
     let sums = model
         .response_logprobs(&ResponseBatch::new(&pairs(), 64), Some(&lora), true)
         .unwrap();
@@ -160,14 +158,7 @@ fn every_lora_variable_gets_a_gradient_and_no_frozen_weight_does() {
 #[test]
 fn lora_gradients_match_finite_differences() {
     let (_dir, model) = tiny(TinySpec::default());
-    let lora = LoraAdapter::new(
-        all_targets(),
-        model.config(),
-        LoraInit::Random,
-        5,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let lora = random_lora(&model, 5);
     let batch = ResponseBatch::new(&pairs(), 64);
     let f = || -> f64 {
         let s = model.response_logprobs(&batch, Some(&lora), false).unwrap();
@@ -216,14 +207,7 @@ fn lora_gradients_match_finite_differences() {
 #[test]
 fn a_saved_peft_adapter_loads_back_identical_and_replaces_the_old_one() {
     let (_dir, model) = tiny(TinySpec::default());
-    let lora = LoraAdapter::new(
-        all_targets(),
-        model.config(),
-        LoraInit::Random,
-        9,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let lora = random_lora(&model, 9);
     let out = tempfile::tempdir().unwrap();
     let dir = out.path().join("adapter");
     // An older adapter is replaced whole.
@@ -295,14 +279,7 @@ fn a_broken_adapter_directory_gets_an_error_naming_the_file() {
 #[test]
 fn the_serving_forward_applies_adapters_unmerged_per_sequence() {
     let (_dir, model) = tiny(TinySpec::default());
-    let lora = LoraAdapter::new(
-        all_targets(),
-        model.config(),
-        LoraInit::Random,
-        11,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let lora = random_lora(&model, 11);
     let a: Vec<u32> = vec![3, 14, 15, 92, 65];
     let b: Vec<u32> = vec![35, 89, 79];
     // With the adapter, the serving path equals the training path.
