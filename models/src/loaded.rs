@@ -194,3 +194,55 @@ impl LoadedModel {
         }
     }
 }
+
+impl LoadedModel {
+    /// Writes a Hugging Face model directory: `config.json` (this model's
+    /// configuration with `config` entries set over it), `tensors` as
+    /// `model.safetensors`, `tokenizer.json` and `tokenizer_config.json` (with
+    /// the chat template). Loads back with [`LoadedModel::load`].
+    pub fn write_hf(
+        &self,
+        dir: &Path,
+        tensors: &std::collections::HashMap<String, candle_core::Tensor>,
+        config: &[(&str, serde_json::Value)],
+    ) -> Result<(), crate::lora::AdapterFileError> {
+        use crate::lora::AdapterFileError;
+        let write = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| AdapterFileError::Write { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(write(dir))?;
+        let weights = dir.join("model.safetensors");
+        candle_core::safetensors::save(tensors, &weights).map_err(|source| {
+            AdapterFileError::Tensor {
+                path: weights.clone(),
+                source,
+            }
+        })?;
+        let mut cfg = serde_json::to_value(self.model.config()).expect("config serializes");
+        cfg["architectures"] = serde_json::json!(["LlamaForCausalLM"]);
+        cfg["model_type"] = serde_json::json!("llama");
+        cfg["torch_dtype"] = serde_json::json!("float32");
+        for (k, v) in config {
+            cfg[*k] = v.clone();
+        }
+        let path = dir.join("config.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(&cfg).expect("json"))
+            .map_err(write(&path))?;
+        let path = dir.join("tokenizer.json");
+        self.tokenizer
+            .inner()
+            .save(&path, false)
+            .map_err(|e| AdapterFileError::Write {
+                path: path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        let tc = serde_json::json!({
+            "bos_token": self.template.bos_token(),
+            "eos_token": self.template.eos_token(),
+            "chat_template": self.template.text(),
+        });
+        let path = dir.join("tokenizer_config.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(&tc).expect("json")).map_err(write(&path))
+    }
+}

@@ -122,53 +122,30 @@ impl RewardModel {
     /// Writes a `LlamaForSequenceClassification` directory (config, merged
     /// f32 weights with `score.weight`, tokenizer, chat template).
     pub fn save_hf(&self, dir: &Path) -> std::result::Result<(), AdapterFileError> {
-        let write = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| AdapterFileError::Write { path, source }
-        };
-        let tensor_err = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| AdapterFileError::Tensor { path, source }
-        };
-        std::fs::create_dir_all(dir).map_err(write(dir))?;
         let weights = dir.join("model.safetensors");
         let mut tensors: HashMap<String, Tensor> = self
             .base
             .model
             .hf_tensors(self.lora.as_ref())
-            .map_err(tensor_err(&weights))?
+            .map_err(|source| AdapterFileError::Tensor {
+                path: weights.clone(),
+                source,
+            })?
             .into_iter()
             .collect();
         tensors.insert("score.weight".into(), self.head.as_tensor().clone());
-        candle_core::safetensors::save(&tensors, &weights).map_err(tensor_err(&weights))?;
-        let mut config = serde_json::to_value(self.base.model.config()).expect("config serializes");
-        config["architectures"] = serde_json::json!(["LlamaForSequenceClassification"]);
-        config["model_type"] = serde_json::json!("llama");
-        config["num_labels"] = serde_json::json!(1);
-        config["torch_dtype"] = serde_json::json!("float32");
-        if config.get("pad_token_id").is_none_or(|v| v.is_null()) {
-            config["pad_token_id"] = serde_json::json!(self.base.tokenizer.eos_ids.first());
-        }
-        let path = dir.join("config.json");
-        std::fs::write(&path, serde_json::to_vec_pretty(&config).expect("json"))
-            .map_err(write(&path))?;
-        let path = dir.join("tokenizer.json");
-        self.base
-            .tokenizer
-            .inner()
-            .save(&path, false)
-            .map_err(|e| AdapterFileError::Write {
-                path: path.clone(),
-                source: std::io::Error::other(e.to_string()),
-            })?;
-        let tc = serde_json::json!({
-            "bos_token": self.base.template.bos_token(),
-            "eos_token": self.base.template.eos_token(),
-            "chat_template": self.base.template.text(),
-        });
-        let path = dir.join("tokenizer_config.json");
-        std::fs::write(&path, serde_json::to_vec_pretty(&tc).expect("json"))
-            .map_err(write(&path))?;
-        Ok(())
+        let pad = self.base.tokenizer.eos_ids.first().copied();
+        self.base.write_hf(
+            dir,
+            &tensors,
+            &[
+                (
+                    "architectures",
+                    serde_json::json!(["LlamaForSequenceClassification"]),
+                ),
+                ("num_labels", serde_json::json!(1)),
+                ("pad_token_id", serde_json::json!(pad)),
+            ],
+        )
     }
 }

@@ -335,3 +335,34 @@ fn the_serving_forward_applies_adapters_unmerged_per_sequence() {
     // And the adapter changes the output.
     assert!(max_abs_diff(&a1, &alone(&a, None).0) > 1e-3);
 }
+
+#[test]
+fn a_model_written_with_the_adapter_merged_equals_the_adapter_applied_unmerged() {
+    let (dir, model) = tiny(TinySpec {
+        tied: false,
+        ..TinySpec::default()
+    });
+    let lora = random_lora(&model, 13);
+    let loaded = attune_models::LoadedModel::load(
+        &attune_models::LoadOptions::new(dir.path()).with_format(WeightFormat::F32),
+    )
+    .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let tensors = model.hf_tensors(Some(&lora)).unwrap().into_iter().collect();
+    loaded.write_hf(out.path(), &tensors, &[]).unwrap();
+    let merged = attune_models::LoadedModel::load(
+        &attune_models::LoadOptions::new(out.path()).with_format(WeightFormat::F32),
+    )
+    .unwrap();
+    let toks: Vec<u32> = vec![3, 14, 15, 92, 65];
+    let mut c1 = model.new_cache();
+    let unmerged = model
+        .forward_adapted(&[&toks], &mut [&mut c1], &[Some(&lora)], LogitsFor::All)
+        .unwrap();
+    let mut c2 = merged.model.new_cache();
+    let merged_logits = merged
+        .model
+        .forward(&[&toks], &mut [&mut c2], LogitsFor::All)
+        .unwrap();
+    assert!(max_abs_diff(&unmerged, &merged_logits) < 1e-4);
+}

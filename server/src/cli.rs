@@ -37,6 +37,9 @@ pub enum Command {
     /// Score preference pairs with the model (and an adapter): preference
     /// accuracy and mean margin.
     Eval(EvalArgs),
+    /// Merge a LoRA adapter into the model's weights and write a Hugging Face
+    /// model directory (f32) that `serve --model` loads.
+    Merge(MergeArgs),
     /// Train a reward model (LoRA on the backbone plus a score head,
     /// Bradley–Terry loss) on preference data.
     TrainRm(Box<TrainRmArgs>),
@@ -211,6 +214,18 @@ pub struct TrainRmArgs {
     pub lora: LoraArgs,
     #[command(flatten)]
     pub held_out: HeldOutArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The PEFT LoRA adapter directory.
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// The model directory to write.
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, Args)]

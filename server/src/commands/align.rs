@@ -17,7 +17,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
-use crate::cli::{AlignArgs, DataArgs, EvalArgs, HeldOutArgs, LoraArgs, OptimArgs};
+use crate::cli::{AlignArgs, DataArgs, EvalArgs, HeldOutArgs, LoraArgs, MergeArgs, OptimArgs};
 
 pub(super) fn bar(len: usize, what: &str) -> ProgressBar {
     let pb = ProgressBar::new(len as u64);
@@ -411,5 +411,19 @@ pub fn align(cfg: Config, args: AlignArgs) -> Result<()> {
     if let Some(b) = best {
         println!("best held-out preference accuracy {b:.4} (in OUT/best when training improved on the base model)");
     }
+    Ok(())
+}
+
+pub fn merge(cfg: Config, args: MergeArgs) -> Result<()> {
+    let model = load_f32(cfg)?;
+    let lora = LoraAdapter::load_peft(&args.adapter, model.model.config(), model.model.device())
+        .with_context(|| format!("--adapter {}", args.adapter.display()))?;
+    let tensors = model.model.hf_tensors(Some(&lora))?.into_iter().collect();
+    model.write_hf(&args.out, &tensors, &[])?;
+    println!(
+        "merged {} into {}",
+        args.adapter.display(),
+        args.out.display()
+    );
     Ok(())
 }

@@ -49,6 +49,10 @@ pub fn run(cli: Cli) -> Result<()> {
             let cfg = load_config(cli.config.as_deref(), &args.model)?;
             align::eval(cfg, args)
         }
+        Command::Merge(args) => {
+            let cfg = load_config(cli.config.as_deref(), &args.model)?;
+            align::merge(cfg, args)
+        }
         Command::TrainRm(args) => {
             let cfg = load_config(cli.config.as_deref(), &args.model)?;
             reward::train_rm(cfg, *args)
