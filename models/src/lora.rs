@@ -299,12 +299,45 @@ impl LoraAdapter {
             .prefix(".adapter-")
             .tempdir_in(parent)
             .map_err(write_err(parent))?;
+        self.write_peft_files(tmp.path(), base_model)?;
+        let staged = tmp.keep();
+        // Replace: move the old folder aside, the new one in, then drop the old.
+        let old = parent.join(format!(
+            ".adapter-old-{}",
+            dir.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        ));
+        let had_old = dir.exists();
+        if had_old {
+            let _ = std::fs::remove_dir_all(&old);
+            std::fs::rename(dir, &old).map_err(write_err(dir))?;
+        }
+        std::fs::rename(&staged, dir).map_err(write_err(dir))?;
+        if had_old {
+            let _ = std::fs::remove_dir_all(&old);
+        }
+        Ok(())
+    }
+
+    /// Writes `adapter_model.safetensors` and `adapter_config.json` into the
+    /// existing folder `dir` and syncs them to disk (no atomic replacement:
+    /// callers stage `dir` and rename it).
+    pub fn write_peft_files(
+        &self,
+        dir: &std::path::Path,
+        base_model: &str,
+    ) -> std::result::Result<(), AdapterFileError> {
+        let write_err = |path: &std::path::Path| {
+            let path = path.to_path_buf();
+            move |source| AdapterFileError::Write { path, source }
+        };
         let tensors: std::collections::HashMap<String, Tensor> = self
             .named_vars()
             .into_iter()
             .map(|(n, v)| (n, v.as_tensor().clone()))
             .collect();
-        let weights = tmp.path().join(ADAPTER_WEIGHTS);
+        let weights = dir.join(ADAPTER_WEIGHTS);
         candle_core::safetensors::save(&tensors, &weights).map_err(|source| {
             AdapterFileError::Tensor {
                 path: weights.clone(),
@@ -326,7 +359,7 @@ impl LoraAdapter {
             "use_rslora": false,
             "use_dora": false,
         });
-        let config_path = tmp.path().join(ADAPTER_CONFIG);
+        let config_path = dir.join(ADAPTER_CONFIG);
         std::fs::write(
             &config_path,
             serde_json::to_vec_pretty(&config).expect("json"),
@@ -336,23 +369,6 @@ impl LoraAdapter {
             std::fs::File::open(f)
                 .and_then(|f| f.sync_all())
                 .map_err(write_err(f))?;
-        }
-        let staged = tmp.keep();
-        // Replace: move the old folder aside, the new one in, then drop the old.
-        let old = parent.join(format!(
-            ".adapter-old-{}",
-            dir.file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default()
-        ));
-        let had_old = dir.exists();
-        if had_old {
-            let _ = std::fs::remove_dir_all(&old);
-            std::fs::rename(dir, &old).map_err(write_err(dir))?;
-        }
-        std::fs::rename(&staged, dir).map_err(write_err(dir))?;
-        if had_old {
-            let _ = std::fs::remove_dir_all(&old);
         }
         Ok(())
     }
