@@ -21,6 +21,7 @@ pub const ENV_ALIASES: &[(&str, &str)] = &[
     ("ATTUNE_HOST", "server.host"),
     ("ATTUNE_PORT", "server.port"),
     ("ATTUNE_STORE", "store.path"),
+    ("ATTUNE_ADAPTERS", "adapters.dir"),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -183,6 +184,25 @@ impl Default for StoreConfig {
     }
 }
 
+/// Where adapter generations live.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdaptersConfig {
+    /// The registry folder: `generations/<n>/` and the `ACTIVE` pointer.
+    pub dir: PathBuf,
+    /// Generations kept on disk (the active one always is).
+    pub keep: usize,
+}
+
+impl Default for AdaptersConfig {
+    fn default() -> Self {
+        Self {
+            dir: default_data_dir().join("adapters"),
+            keep: 5,
+        }
+    }
+}
+
 /// The whole configuration tree.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -192,6 +212,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub engine: EngineConfig,
     pub store: StoreConfig,
+    pub adapters: AdaptersConfig,
 }
 
 /// `~/.cache/attune`, or `$XDG_CACHE_HOME/attune`.
@@ -424,6 +445,7 @@ impl Config {
             ("engine.max_queue", self.engine.max_queue),
             ("engine.default_max_tokens", self.engine.default_max_tokens),
             ("store.queue", self.store.queue),
+            ("adapters.keep", self.adapters.keep),
         ];
         for (key, v) in positive {
             if v == 0 {

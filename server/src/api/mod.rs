@@ -11,7 +11,7 @@ use std::sync::Arc;
 use actix_web::{web, App, HttpServer};
 use attune_aligner::{Store, StoreError};
 use attune_config::Config;
-use attune_models::LoadedModel;
+use attune_models::{LoadedModel, Registry, RegistryError};
 
 use crate::engine::EngineHandle;
 
@@ -21,14 +21,12 @@ pub struct AppState {
     pub model: Arc<LoadedModel>,
     pub model_name: String,
     pub created: u64,
-    /// Names the weights serving requests (the base model until adapters land).
-    pub fingerprint: String,
     pub limits: validate::Limits,
     pub max_body_bytes: usize,
     /// Completions served and feedback on them.
     pub store: Store,
-    /// The adapter generation serving requests (0: the base model).
-    pub generation: u64,
+    /// Adapter generations; new requests are served with the active one.
+    pub registry: Arc<Registry>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +35,8 @@ pub enum StartError {
     Engine(#[from] std::io::Error),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
 }
 
 impl AppState {
@@ -44,6 +44,13 @@ impl AppState {
     /// handlers need.
     pub fn start(cfg: &Config, model: Arc<LoadedModel>) -> Result<Arc<Self>, StartError> {
         let store = Store::open(&cfg.store)?;
+        let registry = Arc::new(Registry::open(
+            &cfg.adapters.dir,
+            model.model.config(),
+            model.model.device(),
+            cfg.adapters.keep,
+            &model.name,
+        )?);
         let (engine, _join) = crate::engine::Engine::spawn(
             model.clone(),
             cfg.engine.clone(),
@@ -62,7 +69,6 @@ impl AppState {
         };
         Ok(Arc::new(Self {
             engine,
-            fingerprint: format!("attune-base-{}", model.name),
             model,
             model_name,
             created: std::time::SystemTime::now()
@@ -72,7 +78,7 @@ impl AppState {
             limits,
             max_body_bytes: cfg.server.max_body_bytes,
             store,
-            generation: 0,
+            registry,
         }))
     }
 }

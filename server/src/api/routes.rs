@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 
 use actix_web::{web, HttpResponse};
 use attune_aligner::store::{ChoiceRecord, CompletionRecord};
+use attune_models::registry::fingerprint;
 use attune_models::{FinishReason, TokenLogprob};
 use futures_util::stream;
 use serde_json::{json, Value};
@@ -118,6 +119,8 @@ fn prepare(state: &AppState, req: &ValidChatRequest) -> Result<Prepared, ApiErro
             max_tokens,
             stop: req.stop.clone(),
             n: req.n,
+            // Pinned now: the request keeps this generation to its last token.
+            generation: state.registry.active(),
         },
     })
 }
@@ -152,17 +155,17 @@ async fn chat_completions(
     let prompt_tokens = prepared.prompt_tokens;
     let id = completion_id();
     let transcript = Transcript::new(&state, &req, &id, &prepared);
-    let events = state.engine.submit(prepared.request).map_err(|e| match e {
-        SubmitError::QueueFull => ApiError::overloaded(),
-        SubmitError::Stopped => ApiError::unavailable("The engine has stopped"),
-    })?;
     let meta = Meta {
         id,
         created: unix_now(),
         model: state.model_name.clone(),
-        fingerprint: state.fingerprint.clone(),
+        fingerprint: fingerprint(prepared.request.generation.as_deref(), &state.model_name),
         prompt_tokens,
     };
+    let events = state.engine.submit(prepared.request).map_err(|e| match e {
+        SubmitError::QueueFull => ApiError::overloaded(),
+        SubmitError::Stopped => ApiError::unavailable("The engine has stopped"),
+    })?;
     if req.stream {
         Ok(stream_response(
             state.into_inner(),
@@ -421,7 +424,7 @@ impl Transcript {
                     .map(|d| d.as_millis() as i64)
                     .unwrap_or(0),
                 model: state.model_name.clone(),
-                generation: state.generation,
+                generation: prepared.request.generation.as_ref().map_or(0, |g| g.number),
                 messages: req.messages.clone(),
                 prompt: prepared.prompt_text.clone(),
                 params,

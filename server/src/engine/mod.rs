@@ -15,8 +15,8 @@ use std::thread::JoinHandle;
 
 use attune_config::EngineConfig;
 use attune_models::{
-    FinishReason, KvCache, LoadedModel, LogitsFor, SamplingParams, SequenceState, StopConditions,
-    TokenLogprob,
+    FinishReason, Generation, KvCache, LoadedModel, LogitsFor, SamplingParams, SequenceState,
+    StopConditions, TokenLogprob,
 };
 use tokio::sync::mpsc;
 
@@ -31,6 +31,9 @@ pub struct GenerateRequest {
     pub stop: Vec<String>,
     /// Independent choices sampled for this prompt.
     pub n: usize,
+    /// The adapter generation this request is served with to its last token
+    /// (`None`: the base model), pinned when it was accepted.
+    pub generation: Option<Arc<Generation>>,
 }
 
 /// What the engine reports about one request.
@@ -120,6 +123,7 @@ struct Sequence {
     input: Vec<u32>,
     /// KV positions reserved for it (prompt + max tokens).
     reserved: usize,
+    generation: Option<Arc<Generation>>,
     events: mpsc::Sender<EngineEvent>,
 }
 
@@ -245,6 +249,7 @@ impl Engine {
                     cache: self.model.model.new_cache(),
                     input: r.prompt.clone(),
                     reserved: r.prompt.len() + r.max_tokens,
+                    generation: r.generation.clone(),
                     events: job.events.clone(),
                 });
             }
@@ -273,14 +278,22 @@ impl Engine {
             .iter_mut()
             .map(|s| std::mem::take(&mut s.input))
             .collect();
+        // Each row gets its own sequence's generation: a batch may hold
+        // sequences admitted before and after a swap.
+        let generations: Vec<Option<Arc<Generation>>> =
+            self.running.iter().map(|s| s.generation.clone()).collect();
         let result = {
             let refs: Vec<&[u32]> = inputs.iter().map(|v| v.as_slice()).collect();
+            let adapters: Vec<_> = generations
+                .iter()
+                .map(|g| g.as_ref().map(|g| &g.adapter))
+                .collect();
             let mut caches: Vec<&mut KvCache> =
                 self.running.iter_mut().map(|s| &mut s.cache).collect();
             self.pool.install(|| {
                 model
                     .model
-                    .forward(&refs, &mut caches, LogitsFor::Last)
+                    .forward_adapted(&refs, &mut caches, &adapters, LogitsFor::Last)
                     .and_then(|l| Ok(l.to_vec2::<f32>()?))
             })
         };

@@ -53,6 +53,7 @@ impl ChildServer {
             .arg(&model)
             .arg("--store")
             .arg(dir.join("store.sqlite3"))
+            .env("ATTUNE_ADAPTERS", dir.join("adapters"))
             .envs(env.iter().copied())
             .stderr(Stdio::piped())
             .spawn()

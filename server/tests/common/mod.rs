@@ -33,6 +33,7 @@ pub fn start(mut cfg: Config) -> TestServer {
     cfg.server.model_name = "tiny".into();
     cfg.runtime.threads = 1;
     cfg.store.path = dir.path().join("store.sqlite3");
+    cfg.adapters.dir = dir.path().join("adapters");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         actix_web::rt::System::new().block_on(async move {
