@@ -50,6 +50,12 @@ fn clha_scores_and_losses_match_the_pytorch_reference() {
     };
     let got_sums = scores.sums.to_vec1::<f32>().unwrap();
     let got_means = scores.means().unwrap().to_vec1::<f32>().unwrap();
+    let worst = want
+        .iter()
+        .zip(&got_sums)
+        .map(|((s, _), g)| (*g as f64 - s).abs())
+        .fold(0.0, f64::max);
+    eprintln!("largest difference of a candidate's log-prob sum: {worst:.2e}");
     for (i, (s, m)) in want.iter().enumerate() {
         assert!(
             (got_sums[i] as f64 - s).abs() < 1e-3,

@@ -22,6 +22,7 @@ pub const ENV_ALIASES: &[(&str, &str)] = &[
     ("ATTUNE_PORT", "server.port"),
     ("ATTUNE_STORE", "store.path"),
     ("ATTUNE_ADAPTERS", "adapters.dir"),
+    ("ATTUNE_ADMIN_TOKEN", "server.admin_token"),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +117,11 @@ pub struct ServerConfig {
     pub shutdown_grace_secs: u64,
     /// The model name clients use; empty means the model file's name.
     pub model_name: String,
+    /// Bearer token of the admin API (`/v1/admin/...`); empty: the admin API
+    /// is off.
+    pub admin_token: String,
+    /// Record serving metrics (`/metrics` answers either way).
+    pub metrics: bool,
 }
 
 impl Default for ServerConfig {
@@ -127,6 +133,8 @@ impl Default for ServerConfig {
             max_n: 8,
             shutdown_grace_secs: 30,
             model_name: String::new(),
+            admin_token: String::new(),
+            metrics: true,
         }
     }
 }
@@ -203,6 +211,63 @@ impl Default for AdaptersConfig {
     }
 }
 
+/// The aligner thread of `attune serve`: rounds of CLHA training on new
+/// feedback, gated, published as adapter generations.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AlignerConfig {
+    pub enabled: bool,
+    /// Seconds between rounds (a round also starts early once
+    /// `min_new_records` have arrived, or on demand).
+    pub interval_secs: u64,
+    /// New preference records that start a round before the interval ends.
+    pub min_new_records: u64,
+    /// CLHA optimizer steps per round.
+    pub steps_per_round: usize,
+    /// Examples per step.
+    pub batch: usize,
+    /// Threads of the aligner's own pool (serving keeps the rest).
+    pub threads: usize,
+    /// A reward model directory for rescoring; empty: the human order.
+    pub reward_model: String,
+    /// The gate: publish when held-out preference accuracy is at most this
+    /// much below the current generation's.
+    pub gate_tolerance: f64,
+    /// The gate: largest mean KL(current ‖ candidate) on the probe prompts.
+    pub max_kl: f64,
+    /// Percent of records held out for the gate (by a hash of the record id).
+    pub held_out_percent: f64,
+    /// Older records replayed into each round besides the new ones.
+    pub replay: usize,
+    pub lr: f64,
+    /// Tokens per prompt + response in training.
+    pub block_size: usize,
+    /// Seconds before a failed round is retried; doubles with each failure
+    /// in a row, up to `interval_secs`.
+    pub retry_secs: u64,
+}
+
+impl Default for AlignerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval_secs: 600,
+            min_new_records: 32,
+            steps_per_round: 20,
+            batch: 4,
+            threads: 1,
+            reward_model: String::new(),
+            gate_tolerance: 0.02,
+            max_kl: 0.5,
+            held_out_percent: 10.0,
+            replay: 16,
+            lr: 1e-4,
+            block_size: 256,
+            retry_secs: 10,
+        }
+    }
+}
+
 /// The whole configuration tree.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -213,6 +278,7 @@ pub struct Config {
     pub engine: EngineConfig,
     pub store: StoreConfig,
     pub adapters: AdaptersConfig,
+    pub aligner: AlignerConfig,
 }
 
 /// `~/.cache/attune`, or `$XDG_CACHE_HOME/attune`.
@@ -446,11 +512,34 @@ impl Config {
             ("engine.default_max_tokens", self.engine.default_max_tokens),
             ("store.queue", self.store.queue),
             ("adapters.keep", self.adapters.keep),
+            ("aligner.steps_per_round", self.aligner.steps_per_round),
+            ("aligner.batch", self.aligner.batch),
+            ("aligner.threads", self.aligner.threads),
+            ("aligner.block_size", self.aligner.block_size),
         ];
         for (key, v) in positive {
             if v == 0 {
                 return Err(invalid(key, "must be at least 1".into()));
             }
+        }
+        if !(0.0..=50.0).contains(&self.aligner.held_out_percent) {
+            return Err(invalid(
+                "aligner.held_out_percent",
+                format!("must be in [0, 50], got {}", self.aligner.held_out_percent),
+            ));
+        }
+        if !(self.aligner.lr > 0.0 && self.aligner.lr.is_finite()) {
+            return Err(invalid(
+                "aligner.lr",
+                format!("must be a positive number, got {}", self.aligner.lr),
+            ));
+        }
+        let token = &self.server.admin_token;
+        if !token.is_empty() && (token.trim().is_empty() || token.len() < 16) {
+            return Err(invalid(
+                "server.admin_token",
+                "must be at least 16 characters and not blank (ATTUNE_ADMIN_TOKEN); leave it empty to turn the admin API off".into(),
+            ));
         }
         if self.store.path.as_os_str().is_empty() {
             return Err(invalid("store.path", "must name a file".into()));

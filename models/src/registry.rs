@@ -24,6 +24,9 @@ use crate::lora::{AdapterFileError, LoraAdapter, ADAPTER_WEIGHTS};
 const MANIFEST: &str = "manifest.json";
 const ACTIVE: &str = "ACTIVE";
 const STAGING_PREFIX: &str = ".staging-";
+/// Test hook (never set in production): a file path; `publish` writes the
+/// staged generation's number there and stalls before its rename.
+const STALL_HOOK: &str = "ATTUNE_TEST_PUBLISH_STALL";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -81,6 +84,20 @@ pub fn fingerprint(generation: Option<&Generation>, model_name: &str) -> String 
     }
 }
 
+/// One change of the active generation, as reported to the hook of
+/// [`Registry::on_activate`] (monitoring).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Activation {
+    /// The generation active before (0: the base model).
+    pub from: u64,
+    pub to: u64,
+    /// How long the durable write and the swap took.
+    pub seconds: f64,
+}
+
+/// Called after every activation.
+pub type ActivationHook = Arc<dyn Fn(Activation) + Send + Sync>;
+
 struct State {
     generations: BTreeMap<u64, Arc<Generation>>,
     active: Option<Arc<Generation>>,
@@ -98,6 +115,8 @@ pub struct Registry {
     keep: usize,
     base_model: String,
     state: RwLock<State>,
+    /// Set once by the server for its metrics; read on each activation.
+    hook: RwLock<Option<ActivationHook>>,
 }
 
 fn now_ms() -> i64 {
@@ -193,6 +212,7 @@ impl Registry {
                 active,
                 next,
             }),
+            hook: RwLock::new(None),
         })
     }
 
@@ -269,24 +289,25 @@ impl Registry {
         if staged.exists() {
             std::fs::remove_dir_all(&staged).map_err(io(&staged))?;
         }
-        std::fs::create_dir_all(&staged).map_err(io(&staged))?;
-        adapter.write_peft_files(&staged, &self.base_model)?;
-        let hash = sha256_file(&staged.join(ADAPTER_WEIGHTS))?;
         let created_ms = now_ms();
-        let manifest = serde_json::json!({
-            "generation": number,
-            "parent": parent,
-            "created_ms": created_ms,
-            "sha256": hash,
-            "base_model": self.base_model,
-            "metrics": metrics,
-        });
-        let manifest_path = staged.join(MANIFEST);
-        let mut f = std::fs::File::create(&manifest_path).map_err(io(&manifest_path))?;
-        f.write_all(&serde_json::to_vec_pretty(&manifest).expect("json"))
-            .and_then(|()| f.sync_all())
-            .map_err(io(&manifest_path))?;
-        sync_dir(&staged)?;
+        let written = self.stage(&staged, adapter, number, parent, created_ms, &metrics);
+        let hash = match written {
+            Ok(hash) => hash,
+            Err(e) => {
+                // Nothing half-written stays behind (a crash here is cleaned
+                // up by `open`).
+                let _ = std::fs::remove_dir_all(&staged);
+                return Err(e);
+            }
+        };
+        if let Some(marker) = std::env::var_os(STALL_HOOK) {
+            // Test hook: announce the staged generation and stop before the
+            // rename, so a test can kill the process exactly here.
+            let _ = std::fs::write(&marker, number.to_string());
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+        }
         let dir = gens_dir.join(number.to_string());
         std::fs::rename(&staged, &dir).map_err(io(&dir))?;
         sync_dir(&gens_dir)?;
@@ -312,9 +333,41 @@ impl Registry {
         Ok(generation)
     }
 
+    /// Writes a generation's files into `staged` and syncs them; answers the
+    /// weights' sha256.
+    fn stage(
+        &self,
+        staged: &Path,
+        adapter: &LoraAdapter,
+        number: u64,
+        parent: Option<u64>,
+        created_ms: i64,
+        metrics: &serde_json::Value,
+    ) -> Result<String, RegistryError> {
+        std::fs::create_dir_all(staged).map_err(io(staged))?;
+        adapter.write_peft_files(staged, &self.base_model)?;
+        let hash = sha256_file(&staged.join(ADAPTER_WEIGHTS))?;
+        let manifest = serde_json::json!({
+            "generation": number,
+            "parent": parent,
+            "created_ms": created_ms,
+            "sha256": hash,
+            "base_model": self.base_model,
+            "metrics": metrics,
+        });
+        let manifest_path = staged.join(MANIFEST);
+        let mut f = std::fs::File::create(&manifest_path).map_err(io(&manifest_path))?;
+        f.write_all(&serde_json::to_vec_pretty(&manifest).expect("json"))
+            .and_then(|()| f.sync_all())
+            .map_err(io(&manifest_path))?;
+        sync_dir(staged)?;
+        Ok(hash)
+    }
+
     /// Makes generation `number` (0: the base model) the one new requests get,
     /// durably.
     pub fn activate(&self, number: u64) -> Result<(), RegistryError> {
+        let started = std::time::Instant::now();
         let generation = match number {
             0 => None,
             n => Some(self.get(n).ok_or(RegistryError::Unknown(n))?),
@@ -327,9 +380,23 @@ impl Registry {
             .map_err(io(&tmp))?;
         std::fs::rename(&tmp, &path).map_err(io(&path))?;
         sync_dir(&self.root)?;
-        self.state.write().active = generation;
-        tracing::info!(generation = number, "activated");
+        let previous = std::mem::replace(&mut self.state.write().active, generation);
+        let from = previous.map_or(0, |g| g.number);
+        tracing::info!(generation = number, from, "activated");
+        if let Some(hook) = self.hook.read().clone() {
+            hook(Activation {
+                from,
+                to: number,
+                seconds: started.elapsed().as_secs_f64(),
+            });
+        }
         Ok(())
+    }
+
+    /// Calls `hook` after every activation from now on (replacing any
+    /// earlier hook).
+    pub fn on_activate(&self, hook: ActivationHook) {
+        *self.hook.write() = Some(hook);
     }
 
     /// Deletes the oldest generations beyond `keep` (never the active one).

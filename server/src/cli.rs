@@ -378,6 +378,14 @@ pub struct ServeArgs {
     pub port: Option<u16>,
     #[command(flatten)]
     pub store: StoreArgs,
+    /// Serve without the aligner thread (config `aligner.enabled = false`,
+    /// env ATTUNE_ALIGNER__ENABLED=false).
+    #[arg(long)]
+    pub no_aligner: bool,
+    /// Any configuration key, e.g. `--set aligner.steps_per_round=10`
+    /// (repeatable; wins over file and environment).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
 }
 
 #[derive(Debug, Args)]

@@ -131,6 +131,8 @@ struct Inner {
     readers: Mutex<Vec<Connection>>,
     /// Joined on drop, after the channel closes, so the last commit finishes.
     writer: Mutex<Option<JoinHandle<()>>>,
+    /// Seconds each group commit took (the fsync included).
+    commit_seconds: prometheus::Histogram,
 }
 
 impl Drop for Inner {
@@ -165,9 +167,21 @@ impl Store {
             max_age_ms: (cfg.retention_days as i64).saturating_mul(86_400_000),
             max_completions: cfg.retention_max_completions,
         };
+        let commit_seconds = prometheus::Histogram::with_opts(
+            prometheus::HistogramOpts::new(
+                "attune_store_commit_seconds",
+                "Time one group commit of the preference store took (fsync included)",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5,
+            ]),
+        )
+        .expect("valid metric");
+        let histogram = commit_seconds.clone();
         let handle = std::thread::Builder::new()
             .name("attune-store".into())
-            .spawn(move || writer::run(conn, rx, retention))
+            .spawn(move || writer::run(conn, rx, retention, histogram))
             .map_err(|e| StoreError::Commit(format!("cannot start the writer thread: {e}")))?;
         tracing::info!(path = %path.display(), "preference store open");
         Ok(Store {
@@ -176,12 +190,19 @@ impl Store {
                 commands,
                 readers: Mutex::new(Vec::new()),
                 writer: Mutex::new(Some(handle)),
+                commit_seconds,
             }),
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// The commit latency histogram (`attune_store_commit_seconds`), for the
+    /// server to register.
+    pub fn commit_seconds(&self) -> &prometheus::Histogram {
+        &self.inner.commit_seconds
     }
 
     fn send<T>(
@@ -231,6 +252,15 @@ impl Store {
     /// it every minute); answers how many went.
     pub fn prune(&self) -> Result<Pending<Result<u64, StoreError>>, StoreError> {
         self.send(|reply| writer::Command::Prune { reply })
+    }
+
+    /// Saves the aligner's watermark (the last record id it has trained on).
+    pub fn set_watermark(&self, value: i64) -> Result<Pending<Result<(), StoreError>>, StoreError> {
+        self.send(|reply| writer::Command::SetState {
+            key: "watermark",
+            value,
+            reply,
+        })
     }
 
     /// [`Store::import`] for batch jobs on a plain thread: waits for room in

@@ -271,6 +271,30 @@ impl Store {
         })
     }
 
+    /// The aligner's saved watermark (0 before its first round).
+    pub fn watermark(&self) -> Result<i64, StoreError> {
+        self.with_reader(|conn| {
+            conn.query_row(
+                "SELECT value FROM aligner_state WHERE key = 'watermark'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .map(|v| v.unwrap_or(0))
+            .map_err(sql("reading the watermark"))
+        })
+    }
+
+    /// The newest record id (0 when there is none).
+    pub fn last_record_id(&self) -> Result<i64, StoreError> {
+        self.with_reader(|conn| {
+            conn.query_row("SELECT COALESCE(MAX(id), 0) FROM feedback", [], |r| {
+                r.get(0)
+            })
+            .map_err(sql("reading the newest record id"))
+        })
+    }
+
     /// SQLite's own consistency check; `Ok(())` when it answers `ok`.
     pub fn integrity_check(&self) -> Result<(), StoreError> {
         self.with_reader(|conn| {

@@ -97,6 +97,9 @@ pub struct FeedbackReceipt {
     pub candidates: usize,
     /// True when the idempotency key was seen before: nothing new was stored.
     pub replayed: bool,
+    /// The adapter generations that served the candidates (distinct,
+    /// ascending; empty for a replay).
+    pub generations: Vec<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

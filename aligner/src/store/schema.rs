@@ -6,8 +6,9 @@ use rusqlite_migration::{Migrations, M};
 
 /// Migrations in order; never edit a released one, add the next.
 fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(
-        "
+    Migrations::new(vec![
+        M::up(
+            "
         -- Every completion served: the prompt as rendered and each choice.
         CREATE TABLE completions (
             id          TEXT PRIMARY KEY,
@@ -55,7 +56,17 @@ fn migrations() -> Migrations<'static> {
         CREATE INDEX candidates_by_completion ON feedback_candidates(completion_id)
             WHERE completion_id IS NOT NULL;
         ",
-    )])
+        ),
+        M::up(
+            "
+        -- Durable progress of the aligner thread (its watermark).
+        CREATE TABLE aligner_state (
+            key   TEXT PRIMARY KEY,
+            value INTEGER NOT NULL
+        ) STRICT;
+        ",
+        ),
+    ])
 }
 
 /// Pragmas for every connection: WAL so readers never block the writer, full

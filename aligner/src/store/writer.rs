@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
+use prometheus::Histogram;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
@@ -37,6 +38,11 @@ pub(crate) enum Command {
     },
     Prune {
         reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
+    SetState {
+        key: &'static str,
+        value: i64,
+        reply: oneshot::Sender<Result<(), StoreError>>,
     },
 }
 
@@ -90,7 +96,12 @@ impl Outcome {
     }
 }
 
-pub(crate) fn run(mut conn: Connection, commands: Receiver<Command>, retention: Retention) {
+pub(crate) fn run(
+    mut conn: Connection,
+    commands: Receiver<Command>,
+    retention: Retention,
+    commit_seconds: Histogram,
+) {
     prune_logged(&mut conn, retention);
     let mut next_prune = Instant::now() + PRUNE_EVERY;
     loop {
@@ -111,7 +122,7 @@ pub(crate) fn run(mut conn: Connection, commands: Receiver<Command>, retention: 
                 Err(_) => break,
             }
         }
-        apply_batch(&mut conn, batch, retention);
+        apply_batch(&mut conn, batch, retention, &commit_seconds);
     }
     tracing::debug!("store writer stopped");
 }
@@ -136,7 +147,12 @@ fn in_transaction<T>(
     Ok(out)
 }
 
-fn apply_batch(conn: &mut Connection, batch: Vec<Command>, retention: Retention) {
+fn apply_batch(
+    conn: &mut Connection,
+    batch: Vec<Command>,
+    retention: Retention,
+    commit_seconds: &Histogram,
+) {
     let mut outcomes = Vec::with_capacity(batch.len());
     let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
@@ -168,7 +184,9 @@ fn apply_batch(conn: &mut Connection, batch: Vec<Command>, retention: Retention)
         };
         outcomes.push((outcome, own_failure));
     }
+    let started = Instant::now();
     let commit = tx.commit().err().map(|e| e.to_string());
+    commit_seconds.observe(started.elapsed().as_secs_f64());
     if let Some(e) = &commit {
         tracing::error!(error = %e, "store: commit failed");
     }
@@ -195,6 +213,7 @@ fn outcome_of_unapplied(cmd: Command) -> Outcome {
         Command::Feedback { reply, .. } => Outcome::Feedback(reply, Err(never().into())),
         Command::Import { reply, .. } => Outcome::Import(reply, Err(never())),
         Command::Prune { reply } => Outcome::Prune(reply, Err(never())),
+        Command::SetState { reply, .. } => Outcome::Log(reply, Err(never())),
     }
 }
 
@@ -212,6 +231,16 @@ fn apply(conn: &Connection, cmd: Command, now: i64, retention: Retention) -> Out
             reply,
         } => Outcome::Import(reply, import(conn, &records, source.as_deref(), now)),
         Command::Prune { reply } => Outcome::Prune(reply, prune(conn, retention, now)),
+        Command::SetState { key, value, reply } => Outcome::Log(
+            reply,
+            conn.execute(
+                "INSERT INTO aligner_state (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                params![key, value],
+            )
+            .map(|_| ())
+            .map_err(sql("saving aligner state")),
+        ),
     }
 }
 
@@ -296,6 +325,7 @@ fn existing_by_key(
                     created_ms: row.get(1)?,
                     candidates: row.get::<_, i64>(2)? as usize,
                     replayed: true,
+                    generations: Vec::new(),
                 },
                 row.get(3)?,
             ))
@@ -397,11 +427,15 @@ fn store_feedback(
         ])
         .map_err(sql("storing feedback candidates"))?;
     }
+    let mut generations: Vec<u64> = completions.values().map(|s| s.generation as u64).collect();
+    generations.sort_unstable();
+    generations.dedup();
     Ok(FeedbackReceipt {
         id,
         created_ms: now,
         candidates: candidates.len(),
         replayed: false,
+        generations,
     })
 }
 

@@ -35,8 +35,10 @@ impl CustomOp1 for RmsNormOp {
         let n = w.len();
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(y, x)| {
-            let ms = x.iter().map(|v| v * v).sum::<f32>() / n as f32;
-            let r = 1.0 / (ms + self.eps).sqrt();
+            // Accumulated in f64: a long f32 sum drifts enough to show in
+            // sums of hundreds of log-probs.
+            let ms = x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / n as f64;
+            let r = (1.0 / (ms + self.eps as f64).sqrt()) as f32;
             for ((y, x), w) in y.iter_mut().zip(x).zip(&w) {
                 *y = x * r * w;
             }

@@ -196,6 +196,17 @@ async fn submit(
     let feedback = feedback_request(&value, header_key)?;
     let kind = feedback.request.kind();
     let receipt = state.store.submit_feedback(feedback)?.wait().await??;
+    if !receipt.replayed && state.metrics.serving.enabled {
+        state
+            .metrics
+            .serving
+            .feedback
+            .with_label_values(&[kind.as_str()])
+            .inc();
+        for g in &receipt.generations {
+            state.metrics.feedback_on(*g);
+        }
+    }
     Ok(HttpResponse::Ok().json(json!({
         "id": format!("{ID_PREFIX}{}", receipt.id),
         "object": "feedback",

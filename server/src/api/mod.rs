@@ -1,6 +1,7 @@
 //! The OpenAI-compatible HTTP API: routes, wire types, and the server's start
 //! and graceful stop. Only this module knows the wire format.
 
+mod admin;
 pub mod error;
 mod feedback;
 mod routes;
@@ -8,12 +9,15 @@ pub mod validate;
 
 use std::sync::Arc;
 
+use actix_web::dev::Service;
 use actix_web::{web, App, HttpServer};
+use attune_aligner::online::{self, AlignerHandle, AlignerParts};
 use attune_aligner::{Store, StoreError};
 use attune_config::Config;
 use attune_models::{LoadedModel, Registry, RegistryError};
 
 use crate::engine::EngineHandle;
+use crate::metrics::Metrics;
 
 /// What every handler shares.
 pub struct AppState {
@@ -27,12 +31,21 @@ pub struct AppState {
     pub store: Store,
     /// Adapter generations; new requests are served with the active one.
     pub registry: Arc<Registry>,
+    /// The aligner thread (`None` when `aligner.enabled` is off).
+    pub aligner: Option<AlignerHandle>,
+    /// The admin API's bearer token (`None`: the admin API is off).
+    pub admin_token: Option<String>,
+    pub metrics: Arc<Metrics>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot start the engine thread: {0}")]
     Engine(#[from] std::io::Error),
+    #[error("cannot start the aligner thread: {0}")]
+    Aligner(std::io::Error),
+    #[error("cannot register the metrics: {0}")]
+    Metrics(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -40,9 +53,21 @@ pub enum StartError {
 }
 
 impl AppState {
-    /// Opens the store, starts the engine thread on `model` and gathers what
-    /// handlers need.
+    /// [`AppState::start_with`] where the aligner trains on `model` itself
+    /// (which then must have dense weights).
     pub fn start(cfg: &Config, model: Arc<LoadedModel>) -> Result<Arc<Self>, StartError> {
+        Self::start_with(cfg, model.clone(), model)
+    }
+
+    /// Opens the store and the adapter registry, starts the engine thread on
+    /// `model` and (with `aligner.enabled`) the aligner thread training on
+    /// `trainee` (the same model with dense f32 weights), and gathers what
+    /// handlers need.
+    pub fn start_with(
+        cfg: &Config,
+        model: Arc<LoadedModel>,
+        trainee: Arc<LoadedModel>,
+    ) -> Result<Arc<Self>, StartError> {
         let store = Store::open(&cfg.store)?;
         let registry = Arc::new(Registry::open(
             &cfg.adapters.dir,
@@ -51,11 +76,6 @@ impl AppState {
             cfg.adapters.keep,
             &model.name,
         )?);
-        let (engine, _join) = crate::engine::Engine::spawn(
-            model.clone(),
-            cfg.engine.clone(),
-            cfg.runtime.effective_threads(),
-        )?;
         let model_name = if cfg.server.model_name.is_empty() {
             model.name.clone()
         } else {
@@ -67,6 +87,39 @@ impl AppState {
             default_max_tokens: cfg.engine.default_max_tokens,
             context: model.model.max_context(),
         };
+        let aligner = if cfg.aligner.enabled {
+            Some(
+                online::spawn(AlignerParts {
+                    store: store.clone(),
+                    registry: registry.clone(),
+                    model: trainee,
+                    cfg: cfg.aligner.clone(),
+                })
+                .map_err(StartError::Aligner)?,
+            )
+        } else {
+            None
+        };
+        let metrics = Arc::new(
+            Metrics::new(
+                cfg.server.metrics,
+                cfg.engine.max_kv_tokens,
+                &store,
+                aligner.as_ref().map(|a| a.metrics()),
+                &registry,
+            )
+            .map_err(|e| StartError::Metrics(e.to_string()))?,
+        );
+        let (engine, _join) = crate::engine::Engine::spawn(
+            model.clone(),
+            cfg.engine.clone(),
+            cfg.runtime.effective_threads(),
+            metrics.serving.clone(),
+        )?;
+        let admin_token = Some(cfg.server.admin_token.clone()).filter(|t| !t.is_empty());
+        if admin_token.is_none() {
+            tracing::info!("admin API off (no server.admin_token)");
+        }
         Ok(Arc::new(Self {
             engine,
             model,
@@ -79,6 +132,9 @@ impl AppState {
             max_body_bytes: cfg.server.max_body_bytes,
             store,
             registry,
+            aligner,
+            admin_token,
+            metrics,
         }))
     }
 }
@@ -93,7 +149,29 @@ pub fn bind(
     let server = HttpServer::new(move || {
         App::new()
             .app_data(data.clone())
+            // Every request counted by route pattern and status (a pattern,
+            // not the path, so the label set stays bounded).
+            .wrap_fn(|req, srv| {
+                let started = std::time::Instant::now();
+                let endpoint = req.match_pattern();
+                let metrics = req
+                    .app_data::<web::Data<AppState>>()
+                    .map(|d| d.metrics.clone());
+                let response = srv.call(req);
+                async move {
+                    let response = response.await?;
+                    if let Some(m) = metrics {
+                        m.http_request(
+                            endpoint.as_deref().unwrap_or("other"),
+                            response.status(),
+                            started.elapsed(),
+                        );
+                    }
+                    Ok(response)
+                }
+            })
             .configure(routes::configure)
+            .configure(admin::configure)
     })
     .shutdown_timeout(cfg.server.shutdown_grace_secs)
     .workers(2)

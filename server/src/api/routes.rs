@@ -3,6 +3,7 @@
 //! store before its response ends, so feedback can name it.
 
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use actix_web::{web, HttpResponse};
 use attune_aligner::store::{ChoiceRecord, CompletionRecord};
@@ -15,12 +16,14 @@ use super::error::ApiError;
 use super::validate::{chat_request, ValidChatRequest};
 use super::AppState;
 use crate::engine::{EngineEvent, GenerateRequest, SubmitError};
+use crate::metrics::Metrics;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/chat/completions", web::post().to(chat_completions))
         .route("/v1/models", web::get().to(models))
         .route("/health", web::get().to(health))
         .route("/ready", web::get().to(ready))
+        .route("/metrics", web::get().to(metrics))
         .configure(super::feedback::configure);
 }
 
@@ -33,6 +36,18 @@ async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
         return Err(ApiError::unavailable("The engine is not running"));
     }
     Ok(HttpResponse::Ok().json(json!({"status": "ready", "model": state.model_name})))
+}
+
+/// Prometheus text exposition of every metric.
+async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    let body = state.metrics.render(
+        state.engine.status(),
+        &state.registry,
+        state.aligner.as_ref().map(|a| a.status()),
+    );
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(body)
 }
 
 async fn models(state: web::Data<AppState>) -> HttpResponse {
@@ -147,6 +162,7 @@ async fn chat_completions(
     state: web::Data<AppState>,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
+    let arrived = Instant::now();
     let body = read_body(payload, state.max_body_bytes).await?;
     let value: Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("The request body is not valid JSON: {e}")))?;
@@ -162,8 +178,12 @@ async fn chat_completions(
         fingerprint: fingerprint(prepared.request.generation.as_deref(), &state.model_name),
         prompt_tokens,
     };
+    let clock = Clock::new(arrived, req.n, transcript.record.generation as u64);
     let events = state.engine.submit(prepared.request).map_err(|e| match e {
-        SubmitError::QueueFull => ApiError::overloaded(),
+        SubmitError::QueueFull => {
+            state.metrics.serving.rejected.inc();
+            ApiError::overloaded()
+        }
         SubmitError::Stopped => ApiError::unavailable("The engine has stopped"),
     })?;
     if req.stream {
@@ -172,10 +192,10 @@ async fn chat_completions(
             req,
             meta,
             events,
-            transcript,
+            (transcript, clock),
         ))
     } else {
-        collect_response(&state, &req, meta, events, transcript).await
+        collect_response(&state, &req, meta, events, (transcript, clock)).await
     }
 }
 
@@ -200,7 +220,7 @@ async fn collect_response(
     req: &ValidChatRequest,
     meta: Meta,
     mut events: tokio::sync::mpsc::Receiver<EngineEvent>,
-    mut transcript: Transcript,
+    (mut transcript, mut clock): (Transcript, Clock),
 ) -> Result<HttpResponse, ApiError> {
     let mut choices = vec![ChoiceAcc::default(); req.n];
     while choices.iter().any(|c| c.finish.is_none()) {
@@ -211,6 +231,7 @@ async fn collect_response(
                 text,
                 logprob,
             }) => {
+                clock.token(&state.metrics, choice);
                 transcript.token(choice, token, &text);
                 let c = &mut choices[choice];
                 c.text.push_str(&text);
@@ -232,6 +253,7 @@ async fn collect_response(
         }
     }
     transcript.log(state).await;
+    clock.done(&state.metrics);
     let completion_tokens: usize = choices.iter().map(|c| c.tokens).sum();
     let choices: Vec<Value> = choices
         .into_iter()
@@ -289,6 +311,7 @@ struct StreamState {
     logprobs: bool,
     done: bool,
     transcript: Option<Transcript>,
+    clock: Clock,
 }
 
 fn stream_response(
@@ -296,7 +319,7 @@ fn stream_response(
     req: ValidChatRequest,
     meta: Meta,
     events: tokio::sync::mpsc::Receiver<EngineEvent>,
-    transcript: Transcript,
+    (transcript, clock): (Transcript, Clock),
 ) -> HttpResponse {
     let st = StreamState {
         app,
@@ -310,6 +333,7 @@ fn stream_response(
         logprobs: req.logprobs,
         done: false,
         transcript: Some(transcript),
+        clock,
     };
     // Dropping this stream (client gone) drops the receiver: the engine cancels.
     let body = stream::unfold(st, |mut st| async move {
@@ -323,6 +347,7 @@ fn stream_response(
                 text,
                 logprob,
             }) => {
+                st.clock.token(&st.app.metrics, choice);
                 if let Some(t) = &mut st.transcript {
                     t.token(choice, token, &text);
                 }
@@ -359,6 +384,7 @@ fn stream_response(
                     if let Some(t) = st.transcript.take() {
                         t.log(&st.app).await;
                     }
+                    st.clock.done(&st.app.metrics);
                     if st.include_usage {
                         let mut usage = chunk_json(&st.meta, json!([]));
                         usage["usage"] = json!({
@@ -388,6 +414,54 @@ fn stream_response(
         .content_type("text/event-stream")
         .insert_header(("Cache-Control", "no-cache"))
         .streaming(body)
+}
+
+/// Latency of one request as the client sees it: arrival to first token,
+/// between tokens of each choice, arrival to the end. One `Instant::now()`
+/// and a few atomic adds per token.
+struct Clock {
+    arrived: Instant,
+    first_seen: bool,
+    last: Vec<Option<Instant>>,
+    generation: u64,
+}
+
+impl Clock {
+    fn new(arrived: Instant, n: usize, generation: u64) -> Self {
+        Self {
+            arrived,
+            first_seen: false,
+            last: vec![None; n],
+            generation,
+        }
+    }
+
+    fn token(&mut self, metrics: &Metrics, choice: usize) {
+        let m = &metrics.serving;
+        if !m.enabled {
+            return;
+        }
+        let now = Instant::now();
+        if !self.first_seen {
+            self.first_seen = true;
+            m.ttft.observe((now - self.arrived).as_secs_f64());
+            metrics.first_token(self.generation);
+        }
+        if let Some(last) = self.last[choice] {
+            m.itl.observe((now - last).as_secs_f64());
+        }
+        self.last[choice] = Some(now);
+    }
+
+    fn done(&self, metrics: &Metrics) {
+        if metrics.serving.enabled {
+            metrics
+                .serving
+                .e2e
+                .observe(self.arrived.elapsed().as_secs_f64());
+            metrics.served_by(self.generation);
+        }
+    }
 }
 
 /// The completion as served, collected for the completion log.

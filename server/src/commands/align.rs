@@ -290,6 +290,8 @@ impl Sampler {
     }
 }
 
+/// Appends one step's report to the training log, flushed so that a long
+/// run can be followed (`tail -f`).
 pub(super) fn log_step(log: &mut impl Write, report: &StepReport) -> Result<()> {
     writeln!(
         log,
@@ -300,6 +302,7 @@ pub(super) fn log_step(log: &mut impl Write, report: &StepReport) -> Result<()> 
             "grad_norm": report.grad_norm, "seconds": report.seconds,
         })
     )?;
+    log.flush()?;
     Ok(())
 }
 

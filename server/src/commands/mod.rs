@@ -23,14 +23,29 @@ pub fn run(cli: Cli) -> Result<()> {
             generate::run(&cfg, args)
         }
         Command::Serve(args) => {
-            let mut cfg = load_config(cli.config.as_deref(), &args.model)?;
-            apply_store_flag(&mut cfg, &args.store);
-            if let Some(h) = args.host {
-                cfg.server.host = h;
+            // Serve's own flags, applied after the model flags, as `--set`s.
+            let mut overrides: Vec<(String, String, String)> = Vec::new();
+            if let Some(h) = &args.host {
+                overrides.push(("server.host".into(), h.clone(), "flag --host".into()));
             }
             if let Some(p) = args.port {
-                cfg.server.port = p;
+                overrides.push(("server.port".into(), p.to_string(), "flag --port".into()));
             }
+            if args.no_aligner {
+                overrides.push((
+                    "aligner.enabled".into(),
+                    "false".into(),
+                    "flag --no-aligner".into(),
+                ));
+            }
+            for kv in &args.set {
+                let (key, value) = kv
+                    .split_once('=')
+                    .with_context(|| format!("--set {kv}: expected KEY=VALUE"))?;
+                overrides.push((key.trim().into(), value.into(), format!("flag --set {kv}")));
+            }
+            let mut cfg = load_config_with(cli.config.as_deref(), &args.model, &overrides)?;
+            apply_store_flag(&mut cfg, &args.store);
             serve::run(cfg)
         }
         Command::Bench(args) => {
@@ -77,6 +92,15 @@ fn apply_store_flag(cfg: &mut Config, flags: &StoreArgs) {
 
 /// Defaults → file → environment → these flags, validated.
 pub fn load_config(file: Option<&std::path::Path>, flags: &ModelArgs) -> Result<Config> {
+    load_config_with(file, flags, &[])
+}
+
+/// [`load_config`], then `overrides` (key, value, where it came from) in order.
+pub fn load_config_with(
+    file: Option<&std::path::Path>,
+    flags: &ModelArgs,
+    overrides: &[(String, String, String)],
+) -> Result<Config> {
     let mut b = ConfigBuilder::new();
     if let Some(f) = file {
         b = b.file(f)?;
@@ -90,6 +114,9 @@ pub fn load_config(file: Option<&std::path::Path>, flags: &ModelArgs) -> Result<
     }
     if let Some(t) = flags.threads {
         b.set("runtime.threads", &t.to_string(), "flag --threads")?;
+    }
+    for (key, value, origin) in overrides {
+        b.set(key, value, origin)?;
     }
     let cfg = b.build()?;
     size_candle_pool(&cfg);

@@ -9,7 +9,14 @@ use attune_server::api::{self, AppState};
 
 pub fn run(cfg: Config) -> Result<()> {
     let model = Arc::new(super::load_model(&cfg)?);
-    let state = AppState::start(&cfg, model)?;
+    // The aligner trains on dense f32 weights: the serving model itself when
+    // it has them, else a dequantized copy.
+    let trainee = if cfg.aligner.enabled && cfg.model.weights != "f32" {
+        Arc::new(super::align::load_f32(cfg.clone())?)
+    } else {
+        model.clone()
+    };
+    let state = AppState::start_with(&cfg, model, trainee)?;
     let system = actix_web::rt::System::new();
     system.block_on(async move {
         let (server, addr) = api::bind(&cfg, state.clone())

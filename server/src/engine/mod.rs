@@ -12,6 +12,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use attune_config::EngineConfig;
 use attune_models::{
@@ -19,6 +20,8 @@ use attune_models::{
     StopConditions, TokenLogprob,
 };
 use tokio::sync::mpsc;
+
+use crate::metrics::ServingMetrics;
 
 pub use admission::{admit_count, Budget};
 
@@ -66,6 +69,7 @@ pub enum SubmitError {
 struct Job {
     request: GenerateRequest,
     events: mpsc::Sender<EngineEvent>,
+    submitted: Instant,
 }
 
 /// Gauges the engine publishes for readiness and monitoring.
@@ -74,6 +78,8 @@ pub struct EngineStatus {
     pub running: AtomicUsize,
     pub waiting: AtomicUsize,
     pub kv_reserved: AtomicUsize,
+    /// KV positions filled in the running sequences' caches.
+    pub kv_used: AtomicUsize,
     /// Sequences dropped because their client left.
     pub cancelled: AtomicUsize,
     pub alive: AtomicBool,
@@ -100,6 +106,7 @@ impl EngineHandle {
             .try_send(Job {
                 request,
                 events: tx,
+                submitted: Instant::now(),
             })
             .map_err(|e| match e {
                 crossbeam_channel::TrySendError::Full(_) => SubmitError::QueueFull,
@@ -136,6 +143,7 @@ pub struct Engine {
     running: Vec<Sequence>,
     status: Arc<EngineStatus>,
     pool: rayon::ThreadPool,
+    metrics: ServingMetrics,
 }
 
 impl Engine {
@@ -144,6 +152,7 @@ impl Engine {
         model: Arc<LoadedModel>,
         cfg: EngineConfig,
         threads: usize,
+        metrics: ServingMetrics,
     ) -> std::io::Result<(EngineHandle, JoinHandle<()>)> {
         let (tx, rx) = crossbeam_channel::bounded(cfg.max_queue);
         let status = Arc::new(EngineStatus::default());
@@ -160,6 +169,7 @@ impl Engine {
             running: Vec::new(),
             status: status.clone(),
             pool,
+            metrics,
         };
         status.alive.store(true, Ordering::Release);
         let join = std::thread::Builder::new()
@@ -208,6 +218,8 @@ impl Engine {
             .store(self.waiting.len(), Ordering::Relaxed);
         let kv: usize = self.running.iter().map(|s| s.reserved).sum();
         self.status.kv_reserved.store(kv, Ordering::Relaxed);
+        let used: usize = self.running.iter().map(|s| s.cache.len()).sum();
+        self.status.kv_used.store(used, Ordering::Relaxed);
     }
 
     /// Moves waiting requests into the running batch while the budget allows.
@@ -232,6 +244,14 @@ impl Engine {
         };
         let admit = admit_count(&costs, budget);
         for job in self.waiting.drain(..admit) {
+            if self.metrics.enabled {
+                self.metrics
+                    .queue
+                    .observe(job.submitted.elapsed().as_secs_f64());
+                self.metrics
+                    .prompt_tokens
+                    .inc_by((job.request.prompt.len() * job.request.n) as u64);
+            }
             let r = job.request;
             let stops = StopConditions {
                 max_tokens: r.max_tokens,
@@ -272,6 +292,16 @@ impl Engine {
     /// One batched forward over every running sequence (prompt chunks of newly
     /// admitted ones, one token for the rest), then sampling.
     fn step(&mut self) {
+        let started = Instant::now();
+        let rows_in_step = self.running.len();
+        self.step_inner();
+        if self.metrics.enabled {
+            self.metrics.step.observe(started.elapsed().as_secs_f64());
+            self.metrics.batch_rows.observe(rows_in_step as f64);
+        }
+    }
+
+    fn step_inner(&mut self) {
         let model = &self.model;
         let inputs: Vec<Vec<u32>> = self
             .running
@@ -311,6 +341,7 @@ impl Engine {
         };
         let tokenizer = &model.tokenizer;
         let mut keep = Vec::with_capacity(self.running.len());
+        let mut generated = 0u64;
         for (mut seq, row) in self.running.drain(..).zip(rows) {
             let out = match seq.state.accept(&row, tokenizer) {
                 Ok(out) => out,
@@ -335,6 +366,7 @@ impl Engine {
                 self.status.cancelled.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
+            generated += 1;
             if let Some(reason) = out.finished {
                 let _ = seq.events.try_send(EngineEvent::Finished {
                     choice: seq.choice,
@@ -345,6 +377,9 @@ impl Engine {
             }
             seq.input = vec![out.token];
             keep.push(seq);
+        }
+        if self.metrics.enabled {
+            self.metrics.generated_tokens.inc_by(generated);
         }
         self.running = keep;
     }

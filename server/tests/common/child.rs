@@ -45,7 +45,8 @@ pub struct ChildServer {
 
 impl ChildServer {
     /// Starts `attune serve` on port 0 over the tiny model in `dir`, with its
-    /// store at `dir/store.sqlite3`, and waits until it listens.
+    /// store at `dir/store.sqlite3`, and waits until it listens. The aligner
+    /// is off unless `env` turns it on.
     pub fn start(dir: &Path, env: &[(&str, &str)]) -> ChildServer {
         let model = tiny_model(dir);
         let mut child = Command::new(env!("CARGO_BIN_EXE_attune"))
@@ -54,6 +55,7 @@ impl ChildServer {
             .arg("--store")
             .arg(dir.join("store.sqlite3"))
             .env("ATTUNE_ADAPTERS", dir.join("adapters"))
+            .env("ATTUNE_ALIGNER__ENABLED", "false")
             .envs(env.iter().copied())
             .stderr(Stdio::piped())
             .spawn()

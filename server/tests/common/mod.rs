@@ -22,8 +22,15 @@ impl TestServer {
     }
 }
 
-/// Serves a tiny model named `tiny` with `cfg` (port and threads overridden).
+/// Serves a tiny model named `tiny` with `cfg` (port and threads overridden),
+/// the aligner off.
 pub fn start(mut cfg: Config) -> TestServer {
+    cfg.aligner.enabled = false;
+    start_with_aligner(cfg)
+}
+
+/// [`start`] with the aligner as `cfg` says.
+pub fn start_with_aligner(mut cfg: Config) -> TestServer {
     let dir = tempfile::tempdir().unwrap();
     TinyModel::new(TinySpec::default())
         .write_hf(dir.path())
