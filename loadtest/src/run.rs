@@ -448,26 +448,38 @@ pub fn compare(reports: &[(String, Report)]) -> String {
             Box::new(|r: &Report| Some(r.requests_failed as f64)),
         ),
     ];
+    let width = reports
+        .iter()
+        .map(|(l, _)| l.len() + 2)
+        .max()
+        .unwrap_or(0)
+        .max(12);
+    let ratio_width = reports[1..]
+        .iter()
+        .map(|(l, _)| base_label.len() + l.len() + 3)
+        .max()
+        .unwrap_or(0)
+        .max(10);
     let _ = write!(out, "{:<18}", "");
     for (label, _) in reports {
-        let _ = write!(out, "{label:>16}");
+        let _ = write!(out, "{label:>width$}");
     }
     for (label, _) in &reports[1..] {
-        let _ = write!(out, "{:>18}", format!("{base_label}/{label}"));
+        let _ = write!(out, "{:>ratio_width$}", format!("{base_label}/{label}"));
     }
     let _ = writeln!(out);
     for (name, get) in rows {
         let _ = write!(out, "{name:<18}");
         for (_, r) in reports {
             let v = get(r).map_or("-".into(), |v| format!("{v:.1}"));
-            let _ = write!(out, "{v:>16}");
+            let _ = write!(out, "{v:>width$}");
         }
         for (_, r) in &reports[1..] {
             let ratio = match (get(base), get(r)) {
                 (Some(a), Some(b)) if b != 0.0 => format!("{:.2}x", a / b),
                 _ => "-".into(),
             };
-            let _ = write!(out, "{ratio:>18}");
+            let _ = write!(out, "{ratio:>ratio_width$}");
         }
         let _ = writeln!(out);
     }

@@ -10,15 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use attune_config::Config;
-use common::{post_json, start, start_with_aligner, TestServer};
+use common::{agent, post_json, post_text, start, start_with_aligner, TestServer};
 use serde_json::{json, Value};
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into()
-}
 
 fn scrape(s: &TestServer) -> String {
     let mut r = agent()
@@ -59,13 +52,8 @@ fn chat(s: &TestServer, n: usize, stream: bool) -> Value {
         "max_tokens": 6, "n": n, "temperature": 0.8, "seed": 1, "stream": stream,
     });
     if stream {
-        let mut r = agent()
-            .post(&format!("{}/v1/chat/completions", s.base()))
-            .header("content-type", "application/json")
-            .send(body.to_string())
-            .unwrap();
-        assert_eq!(r.status().as_u16(), 200);
-        let text = r.body_mut().read_to_string().unwrap();
+        let (status, text) = post_text(s, "/v1/chat/completions", &body.to_string());
+        assert_eq!(status, 200);
         assert!(text.contains("[DONE]"));
         return Value::Null;
     }

@@ -17,7 +17,7 @@ use attune_models::{
     generate_batch_adapted, ChatMessage, LoraAdapter, PromptResponse, SamplingParams,
     StopConditions,
 };
-use common::{get_json, start_with_aligner, TestServer};
+use common::{agent, get_json, post_text, start_with_aligner, TestServer};
 use serde_json::{json, Value};
 
 const TOKEN: &str = "test-admin-token-0123456789";
@@ -43,13 +43,6 @@ fn aligned_config() -> Config {
     cfg.aligner.max_kl = 50.0;
     cfg.aligner.block_size = 64;
     cfg
-}
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into()
 }
 
 /// An admin call: status and JSON body.
@@ -197,13 +190,8 @@ fn stream(s: &TestServer, prompt: &str, seed: u64) -> (String, String) {
         "model": "tiny", "messages": [{"role": "user", "content": prompt}],
         "max_tokens": 12, "temperature": 0.9, "seed": seed, "stream": true,
     });
-    let mut r = agent()
-        .post(&format!("{}/v1/chat/completions", s.base()))
-        .header("content-type", "application/json")
-        .send(body.to_string())
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
-    let text = r.body_mut().read_to_string().unwrap();
+    let (status, text) = post_text(s, "/v1/chat/completions", &body.to_string());
+    assert_eq!(status, 200);
     let mut fingerprint = None;
     let mut out = String::new();
     let mut done = false;

@@ -216,3 +216,50 @@ fn a_nan_loss_publishes_nothing_and_serving_answers() {
 fn a_panic_in_a_round_publishes_nothing_and_serving_answers() {
     injected_fault_publishes_nothing("panic", "panic");
 }
+
+#[test]
+fn a_failed_publish_serves_the_current_generation_and_the_retry_publishes() {
+    let dir = tempfile::tempdir().unwrap();
+    seed_store(dir.path());
+    let server = ChildServer::start(dir.path(), &aligner_env(&[]));
+    // The generations folder becomes a file: every write under it fails, as
+    // on a full or broken disk.
+    let gens = dir.path().join("adapters/generations");
+    std::fs::remove_dir_all(&gens).unwrap();
+    std::fs::write(&gens, "not a folder").unwrap();
+    let (status, report) = post(&server.url("/v1/admin/aligner/run?wait=true"), None);
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["outcome"], "failed", "{report}");
+    assert!(
+        report["reason"].as_str().unwrap().starts_with("publishing"),
+        "{report}"
+    );
+    assert_eq!(chat(&server), (200, "attune-base-model".to_string()));
+    let metrics = agent()
+        .get(&server.url("/metrics"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(
+        metrics.contains(r#"attune_aligner_round_failures_total{reason="publish"} 1"#),
+        "{metrics}"
+    );
+    drop(server);
+    let store = Store::open(&store_config(dir.path())).unwrap();
+    assert_eq!(
+        store.watermark().unwrap(),
+        0,
+        "a failed round does not move the watermark"
+    );
+    drop(store);
+
+    // With the disk back, the same records publish generation 1.
+    std::fs::remove_file(&gens).unwrap();
+    let server = ChildServer::start(dir.path(), &aligner_env(&[]));
+    let (_, report) = post(&server.url("/v1/admin/aligner/run?wait=true"), None);
+    assert_eq!(report["outcome"], "published", "{report}");
+    assert_eq!(report["generation"], 1, "{report}");
+    assert!(chat(&server).1.starts_with("attune-g1-"));
+}

@@ -46,6 +46,15 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             let mut cfg = load_config_with(cli.config.as_deref(), &args.model, &overrides)?;
             apply_store_flag(&mut cfg, &args.store);
+            if cfg.runtime.threads == 0 {
+                cfg.runtime.threads = cfg.serving_threads();
+                size_candle_pool(&cfg);
+            }
+            tracing::info!(
+                serving_threads = cfg.runtime.threads,
+                aligner_threads = cfg.aligner.enabled.then_some(cfg.aligner.threads),
+                "threads"
+            );
             serve::run(cfg)
         }
         Command::Bench(args) => {

@@ -58,11 +58,24 @@ pub fn start_with_aligner(mut cfg: Config) -> TestServer {
     }
 }
 
-fn agent() -> ureq::Agent {
+/// A client that answers every HTTP status instead of failing on errors.
+pub fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
         .build()
         .into()
+}
+
+/// POSTs a JSON body; answers the status and the body as text (an SSE stream
+/// whole).
+pub fn post_text(s: &TestServer, path: &str, body: &str) -> (u16, String) {
+    let mut r = agent()
+        .post(&format!("{}{path}", s.base()))
+        .header("content-type", "application/json")
+        .send(body)
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.body_mut().read_to_string().unwrap())
 }
 
 /// POSTs a JSON body; answers the status and the body as JSON (or as a JSON
