@@ -171,6 +171,15 @@ enum Control {
     Resume,
 }
 
+/// Why a request to the aligner thread was not taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    #[error("the aligner has {CONTROL_QUEUE} requests waiting already")]
+    Busy,
+    #[error("the aligner thread has stopped")]
+    Stopped,
+}
+
 /// A cloneable handle to the aligner thread; the thread stops when every
 /// handle is gone.
 #[derive(Clone)]
@@ -181,13 +190,17 @@ pub struct AlignerHandle {
 }
 
 impl AlignerHandle {
-    /// Asks for a round now; the receiver gets its report.
-    pub fn run_now(&self) -> oneshot::Receiver<RoundReport> {
+    /// Asks for a round now; the receiver gets its report (or an error when
+    /// the thread stops first).
+    pub fn run_now(&self) -> Result<oneshot::Receiver<RoundReport>, ControlError> {
         let (tx, rx) = oneshot::channel();
-        // A stopped thread (or a full queue) drops the sender, which the
-        // receiver reports.
-        let _ = self.control.try_send(Control::Run(Some(tx)));
-        rx
+        self.control
+            .try_send(Control::Run(Some(tx)))
+            .map_err(|e| match e {
+                crossbeam_channel::TrySendError::Full(_) => ControlError::Busy,
+                crossbeam_channel::TrySendError::Disconnected(_) => ControlError::Stopped,
+            })?;
+        Ok(rx)
     }
 
     pub fn pause(&self) {

@@ -14,6 +14,7 @@ use std::sync::atomic::Ordering;
 
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
+use attune_aligner::online::ControlError;
 use attune_models::registry::fingerprint;
 use attune_models::Generation;
 use serde_json::{json, Value};
@@ -190,7 +191,16 @@ async fn run(
     query: web::Query<RunQuery>,
 ) -> Result<HttpResponse, ApiError> {
     authorize(&state, &req)?;
-    let reply = aligner(&state)?.run_now();
+    let reply = aligner(&state)?.run_now().map_err(|e| match e {
+        ControlError::Busy => ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: format!("{e}; try again when a round has ended"),
+            kind: "rate_limit_error",
+            param: None,
+            code: Some("aligner_busy"),
+        },
+        ControlError::Stopped => ApiError::unavailable(e.to_string()),
+    })?;
     if !query.wait {
         return Ok(HttpResponse::Accepted().json(json!({"status": "queued"})));
     }
