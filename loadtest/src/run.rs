@@ -413,40 +413,16 @@ pub fn compare(reports: &[(String, Report)]) -> String {
     let Some((base_label, base)) = reports.first() else {
         return out;
     };
-    let rows: Vec<(&str, Box<dyn Fn(&Report) -> Option<f64>>)> = vec![
-        (
-            "generated tok/s",
-            Box::new(|r: &Report| Some(r.generated_tok_per_s)),
-        ),
-        ("requests/s", Box::new(|r: &Report| Some(r.requests_per_s))),
-        (
-            "ttft p50 ms",
-            Box::new(|r: &Report| r.ttft.map(|s| s.p50 * 1e3)),
-        ),
-        (
-            "ttft p99 ms",
-            Box::new(|r: &Report| r.ttft.map(|s| s.p99 * 1e3)),
-        ),
-        (
-            "itl p50 ms",
-            Box::new(|r: &Report| r.itl.map(|s| s.p50 * 1e3)),
-        ),
-        (
-            "itl p99 ms",
-            Box::new(|r: &Report| r.itl.map(|s| s.p99 * 1e3)),
-        ),
-        (
-            "e2e p50 ms",
-            Box::new(|r: &Report| r.e2e.map(|s| s.p50 * 1e3)),
-        ),
-        (
-            "e2e p99 ms",
-            Box::new(|r: &Report| r.e2e.map(|s| s.p99 * 1e3)),
-        ),
-        (
-            "failed",
-            Box::new(|r: &Report| Some(r.requests_failed as f64)),
-        ),
+    let rows: [(&str, fn(&Report) -> Option<f64>); 9] = [
+        ("generated tok/s", |r: &Report| Some(r.generated_tok_per_s)),
+        ("requests/s", |r: &Report| Some(r.requests_per_s)),
+        ("ttft p50 ms", |r: &Report| r.ttft.map(|s| s.p50 * 1e3)),
+        ("ttft p99 ms", |r: &Report| r.ttft.map(|s| s.p99 * 1e3)),
+        ("itl p50 ms", |r: &Report| r.itl.map(|s| s.p50 * 1e3)),
+        ("itl p99 ms", |r: &Report| r.itl.map(|s| s.p99 * 1e3)),
+        ("e2e p50 ms", |r: &Report| r.e2e.map(|s| s.p50 * 1e3)),
+        ("e2e p99 ms", |r: &Report| r.e2e.map(|s| s.p99 * 1e3)),
+        ("failed", |r: &Report| Some(r.requests_failed as f64)),
     ];
     let width = reports
         .iter()
@@ -485,4 +461,58 @@ pub fn compare(reports: &[(String, Report)]) -> String {
     }
     let _ = writeln!(out, "(ratios: {base_label} divided by the other; for tok/s and req/s higher is better, for latencies lower)");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(tok_per_s: f64, ttft_p50: f64) -> Report {
+        let s = Summary::of(&[ttft_p50]).unwrap();
+        Report {
+            target: "t".into(),
+            model: "m".into(),
+            mode: "closed loop, concurrency 1".into(),
+            stream: true,
+            max_tokens: 8,
+            seconds: 10.0,
+            requests_ok: 10,
+            requests_failed: 0,
+            errors: BTreeMap::new(),
+            requests_per_s: 1.0,
+            prompt_tokens: 100,
+            generated_tokens: (tok_per_s * 10.0) as usize,
+            generated_tok_per_s: tok_per_s,
+            ttft: Some(s),
+            itl: None,
+            e2e: Some(s),
+            feedback: FeedbackReport::default(),
+        }
+    }
+
+    #[test]
+    fn compare_prints_each_report_and_its_ratio_to_the_first() {
+        let table = compare(&[
+            ("attune".into(), report(200.0, 0.1)),
+            ("other".into(), report(100.0, 0.2)),
+        ]);
+        let line = |name: &str| {
+            table
+                .lines()
+                .find(|l| l.starts_with(name))
+                .unwrap()
+                .to_string()
+        };
+        assert!(line("generated tok/s").ends_with("2.00x"), "{table}");
+        assert!(line("ttft p50 ms").contains("100.0") && line("ttft p50 ms").ends_with("0.50x"));
+        assert!(
+            line("itl p50 ms").ends_with('-'),
+            "no ITL without samples: {table}"
+        );
+        assert!(table.lines().next().unwrap().contains("attune/other"));
+        // A report round-trips through its JSON (what --compare reads).
+        let r = report(1.0, 0.5);
+        let back: Report = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+    }
 }
