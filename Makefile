@@ -6,7 +6,7 @@
 CARGO ?= cargo
 PROMPT ?= What is the capital of France?
 
-.PHONY: run generate test test-deps build model bench bench-feedback fmt lint
+.PHONY: run generate test test-deps build model bench bench-feedback bench-metrics side-by-side fmt lint
 
 build:
 	$(CARGO) build --release
@@ -32,6 +32,14 @@ bench: build model
 
 bench-feedback:
 	$(CARGO) run --release -p attune-server --example feedback_bench -- 5 8
+
+# decode tok/s with server.metrics on and off, alternately
+bench-metrics:
+	./scripts/metrics-overhead.sh
+
+# attune next to llama.cpp's llama-server (builds llama-server once)
+side-by-side:
+	./scripts/side-by-side.sh
 
 fmt:
 	$(CARGO) fmt --all

@@ -77,7 +77,7 @@ fn ranking(id: &str, ranking: &[usize]) -> FeedbackRequest {
 }
 
 fn hh_data() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/hh-rlhf-harmless-base.jsonl.gz")
+    attune_models::testing::shared_dir().join("data/hh-rlhf-harmless-base.jsonl.gz")
 }
 
 #[test]

@@ -150,12 +150,7 @@ mod tests {
 
     #[test]
     fn the_shared_hh_rlhf_data_gives_one_prompt_per_line() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../shared/data/hh-rlhf-harmless-base.jsonl.gz");
-        if !path.exists() {
-            eprintln!("skipped: {} is not here", path.display());
-            return;
-        }
+        let path = attune_models::testing::shared_dir().join("data/hh-rlhf-harmless-base.jsonl.gz");
         let prompts = from_hh_rlhf(&path).unwrap();
         assert_eq!(prompts.len(), 2000);
         assert!(prompts
