@@ -51,6 +51,8 @@ pub fn evaluate(
     batch_tokens: usize,
     mut progress: impl FnMut(usize, usize),
 ) -> candle_core::Result<EvalReport> {
+    let frozen = lora.map(LoraAdapter::frozen);
+    let lora = frozen.as_ref();
     let mut report = EvalReport::default();
     let mut i = 0;
     while i < examples.len() {

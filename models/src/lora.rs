@@ -132,6 +132,8 @@ pub struct LoraAdapter {
     cfg: LoraConfig,
     /// `layers[layer][target.index()]`.
     layers: Vec<[Option<LoraLinear>; 7]>,
+    /// A view for scoring only: its deltas track no gradient (see [`LoraAdapter::frozen`]).
+    frozen: bool,
 }
 
 impl LoraAdapter {
@@ -175,7 +177,23 @@ impl LoraAdapter {
             }
             layers.push(slots);
         }
-        Ok(Self { cfg, layers })
+        Ok(Self {
+            cfg,
+            layers,
+            frozen: false,
+        })
+    }
+
+    /// The same adapter (sharing its variables) for scoring only: the
+    /// training forward then builds no autograd graph through it. Without
+    /// this, scoring with an adapter keeps every intermediate of the forward
+    /// alive until the result is dropped (measured: 22 GiB for 8 HH-RLHF
+    /// pairs, against 1.4 GiB without an adapter).
+    pub fn frozen(&self) -> Self {
+        Self {
+            frozen: true,
+            ..self.clone()
+        }
     }
 
     pub fn config(&self) -> &LoraConfig {
@@ -239,8 +257,13 @@ impl LoraAdapter {
         } else {
             xs.clone()
         };
-        let h = xs.broadcast_matmul(&l.a.as_tensor().t()?)?;
-        let y = h.broadcast_matmul(&l.b.as_tensor().t()?)?;
+        let (a, b) = if self.frozen {
+            (l.a.as_tensor().detach(), l.b.as_tensor().detach())
+        } else {
+            (l.a.as_tensor().clone(), l.b.as_tensor().clone())
+        };
+        let h = xs.broadcast_matmul(&a.t()?)?;
+        let y = h.broadcast_matmul(&b.t()?)?;
         Ok(Some((y * self.cfg.scale())?))
     }
 }
@@ -286,10 +309,6 @@ impl LoraAdapter {
         dir: &std::path::Path,
         base_model: &str,
     ) -> std::result::Result<(), AdapterFileError> {
-        let write_err = |path: &std::path::Path| {
-            let path = path.to_path_buf();
-            move |source| AdapterFileError::Write { path, source }
-        };
         let parent = dir
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
@@ -328,10 +347,6 @@ impl LoraAdapter {
         dir: &std::path::Path,
         base_model: &str,
     ) -> std::result::Result<(), AdapterFileError> {
-        let write_err = |path: &std::path::Path| {
-            let path = path.to_path_buf();
-            move |source| AdapterFileError::Write { path, source }
-        };
         let tensors: std::collections::HashMap<String, Tensor> = self
             .named_vars()
             .into_iter()
@@ -467,7 +482,11 @@ impl LoraAdapter {
             }
             layers.push(slots);
         }
-        Ok(Self { cfg, layers })
+        Ok(Self {
+            cfg,
+            layers,
+            frozen: false,
+        })
     }
 
     /// A deep copy whose variables share nothing with `self`: what gets
@@ -493,6 +512,13 @@ impl LoraAdapter {
         Ok(Self {
             cfg: self.cfg.clone(),
             layers,
+            frozen: self.frozen,
         })
     }
+}
+
+/// Maps an I/O error while writing `path` to the adapter file error naming it.
+fn write_err(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> AdapterFileError {
+    let path = path.to_path_buf();
+    move |source| AdapterFileError::Write { path, source }
 }

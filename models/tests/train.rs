@@ -125,6 +125,28 @@ fn a_rows_score_does_not_depend_on_the_batch_it_is_in() {
 }
 
 #[test]
+fn a_frozen_adapter_scores_the_same_and_builds_no_graph() {
+    let (_dir, model) = tiny(TinySpec::default());
+    let lora = random_lora(&model, 3);
+    let batch = ResponseBatch::new(&pairs(), 64);
+    let tracked = model.response_logprobs(&batch, Some(&lora), false).unwrap();
+    let frozen = model
+        .response_logprobs(&batch, Some(&lora.frozen()), false)
+        .unwrap();
+    assert!(max_abs_diff(&tracked, &frozen) < 1e-6);
+    // The tracked score reaches the adapter's variables; the frozen one does
+    // not (no graph through it: nothing kept alive for a backward pass).
+    let reaches = |t: &Tensor| {
+        let grads = t.sum_all().unwrap().backward().unwrap();
+        lora.vars()
+            .iter()
+            .any(|v| grads.get(v.as_tensor()).is_some())
+    };
+    assert!(reaches(&tracked));
+    assert!(!reaches(&frozen));
+}
+
+#[test]
 fn every_lora_variable_gets_a_gradient_and_no_frozen_weight_does() {
     let (_dir, model) = tiny(TinySpec::default());
     let lora = random_lora(&model, 3);

@@ -56,6 +56,8 @@ pub fn probe_kl(
     candidate: &LoraAdapter,
 ) -> Result<f64, String> {
     let device = model.model.device();
+    let (current, candidate) = (current.map(LoraAdapter::frozen), candidate.frozen());
+    let (current, candidate) = (current.as_ref(), &candidate);
     let (mut total, mut positions) = (0.0, 0usize);
     for p in PROBES {
         let text = model

@@ -717,6 +717,8 @@ impl Aligner {
             return Ok(None);
         }
         let model = &self.parts.model.model;
+        let frozen = lora.map(LoraAdapter::frozen);
+        let lora = frozen.as_ref();
         let e = evaluate(model, lora, held_out, tcfg.block_size, 4096, |_, _| {})
             .map_err(|e| format!("held-out evaluation: {e}"))?;
         let (mut sum, mut chunks) = (0.0, 0usize);

@@ -4,7 +4,7 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use attune_aligner::data::{read_examples, Template};
@@ -13,24 +13,14 @@ use attune_aligner::loss::ClhaParams;
 use attune_aligner::train::{Objective, Schedule, Scored, StepReport, TrainConfig, Trainer};
 use attune_config::Config;
 use attune_models::{LoadedModel, LoraAdapter, LoraConfig, LoraInit, LoraTarget, PromptResponse};
-use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
+use super::progress::Progress;
 use crate::cli::{AlignArgs, DataArgs, EvalArgs, HeldOutArgs, LoraArgs, MergeArgs, OptimArgs};
 
-pub(super) fn bar(len: usize, what: &str) -> ProgressBar {
-    let pb = ProgressBar::new(len as u64);
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{prefix:>8} [{bar:30}] {pos}/{len} {elapsed_precise} (eta {eta}) {msg}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    pb.set_prefix(what.to_string());
-    pb.enable_steady_tick(Duration::from_millis(500));
-    pb
+pub(super) fn bar(len: usize, what: &str) -> Progress {
+    Progress::new(len, what)
 }
 
 /// The model with dense f32 weights, as training and scoring need.

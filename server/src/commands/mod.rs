@@ -6,6 +6,7 @@ mod bench;
 mod bench_train;
 mod feedback;
 mod generate;
+mod progress;
 mod reward;
 mod serve;
 
