@@ -2,6 +2,7 @@
 
 pub mod attention;
 pub mod autograd;
+pub mod lora;
 pub mod q8_0;
 
 /// An output buffer shared by a parallel region's workers, each writing its

@@ -13,6 +13,7 @@ pub use train::{PromptResponse, ResponseBatch};
 
 use crate::checkpoint::{Checkpoint, LinearWeight, WeightFormat};
 use crate::error::{LoadError, ModelError};
+use crate::kernels;
 use crate::kv_cache::KvCache;
 use crate::layers::{FrozenLinear, LinearGroup, Mlp, RmsNorm, Rotary};
 use crate::lora::{LoraAdapter, LoraTarget};
@@ -65,7 +66,8 @@ struct StepRows<'a> {
 /// The LoRA adapters of one step, unmerged, each with the rows it applies to
 /// (`None`: every row), so sequences of different generations share a batch.
 struct RowAdapters<'a> {
-    groups: Vec<(&'a LoraAdapter, Option<Tensor>)>,
+    /// Each adapter with its rows, as indices and as a tensor (`None`: every row).
+    groups: Vec<(&'a LoraAdapter, Option<(Vec<u32>, Tensor)>)>,
 }
 
 impl<'a> RowAdapters<'a> {
@@ -95,7 +97,8 @@ impl<'a> RowAdapters<'a> {
                     Ok((a, None))
                 } else {
                     let n = rows.len();
-                    Ok((a, Some(Tensor::from_vec(rows, n, device)?)))
+                    let t = Tensor::from_vec(rows.clone(), n, device)?;
+                    Ok((a, Some((rows, t))))
                 }
             })
             .collect::<candle_core::Result<_>>()?;
@@ -111,19 +114,32 @@ impl<'a> RowAdapters<'a> {
         mut y: Tensor,
     ) -> candle_core::Result<Tensor> {
         for (a, rows) in &self.groups {
-            match rows {
-                None => {
-                    if let Some(d) = a.delta_inference(layer, target, x)? {
-                        y = (y + d)?;
-                    }
+            let Some(lora) = a.layer(layer, target) else {
+                continue;
+            };
+            let n = rows.as_ref().map_or(x.dim(0)?, |(r, _)| r.len());
+            let (wa, wb) = (lora.a.as_tensor(), lora.b.as_tensor());
+            let kernel = x.device().is_cpu()
+                && n <= kernels::lora::MAX_ROWS
+                && [x.dtype(), y.dtype(), wa.dtype(), wb.dtype()] == [DType::F32; 4];
+            y = match rows {
+                _ if kernel => {
+                    let idx = rows.as_ref().map(|(r, _)| r.as_slice());
+                    let scale = a.config().scale() as f32;
+                    kernels::lora::lora_add(x, &y, wa, wb, scale, idx)?
                 }
-                Some(rows) => {
+                None => match a.delta_inference(layer, target, x)? {
+                    Some(d) => (y + d)?,
+                    None => y,
+                },
+                Some((_, rows)) => {
                     let xs = x.index_select(rows, 0)?;
-                    if let Some(d) = a.delta_inference(layer, target, &xs)? {
-                        y = y.index_add(rows, &d, 0)?;
+                    match a.delta_inference(layer, target, &xs)? {
+                        Some(d) => y.index_add(rows, &d, 0)?,
+                        None => y,
                     }
                 }
-            }
+            };
         }
         Ok(y)
     }
