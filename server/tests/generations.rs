@@ -5,11 +5,8 @@
 mod common;
 
 use attune_config::Config;
-use attune_models::{
-    generate_batch_adapted, ChatMessage, LoraAdapter, LoraConfig, LoraInit, SamplingParams,
-    StopConditions,
-};
-use common::{get_json, post_json, start};
+use attune_models::{LoraAdapter, LoraConfig, LoraInit, SamplingParams};
+use common::{direct_chat, get_json, post_json, start};
 use serde_json::json;
 
 fn chat(s: &common::TestServer, n: usize) -> serde_json::Value {
@@ -62,30 +59,14 @@ fn requests_are_served_by_the_active_generation_and_name_it() {
     );
 
     // The same tokens as generating with the generation's adapter directly.
-    let prompt = model
-        .tokenizer
-        .encode(
-            &model
-                .template
-                .render(&[ChatMessage::new("user", "tell me")], true)
-                .unwrap(),
-        )
-        .unwrap();
-    let stops = StopConditions {
-        max_tokens: 8,
-        stop: vec![],
-        eos_ids: model.tokenizer.eos_ids.clone(),
-        context: model.model.max_context(),
-    };
-    let direct = generate_batch_adapted(
-        &model.model,
-        &model.tokenizer,
+    let direct = direct_chat(
+        model,
         Some(&g.adapter),
-        vec![(prompt, SamplingParams::greedy(), stops)],
-        |_, _| {},
-    )
-    .unwrap();
-    assert_eq!(text, direct[0].text);
+        "tell me",
+        SamplingParams::greedy(),
+        8,
+    );
+    assert_eq!(text, direct);
 
     // The completion log and feedback stats name the generation.
     let id = adapted["id"].as_str().unwrap();

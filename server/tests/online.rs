@@ -13,11 +13,8 @@ use attune_aligner::data::{Example, Template};
 use attune_aligner::eval::evaluate;
 use attune_aligner::store::ImportRecord;
 use attune_config::Config;
-use attune_models::{
-    generate_batch_adapted, ChatMessage, LoraAdapter, PromptResponse, SamplingParams,
-    StopConditions,
-};
-use common::{agent, get_json, post_text, start_with_aligner, TestServer};
+use attune_models::{ChatMessage, LoraAdapter, PromptResponse, SamplingParams};
+use common::{agent, direct_chat, get_json, post_text, start_with_aligner, TestServer};
 use serde_json::{json, Value};
 
 const TOKEN: &str = "test-admin-token-0123456789";
@@ -276,35 +273,13 @@ fn hot_swaps_under_streaming_load_drop_nothing_and_serve_each_request_its_genera
         let adapter = adapters
             .get(fingerprint)
             .unwrap_or_else(|| panic!("unknown fingerprint {fingerprint}"));
-        let ids = model
-            .tokenizer
-            .encode(
-                &model
-                    .template
-                    .render(&[ChatMessage::new("user", prompt.clone())], true)
-                    .unwrap(),
-            )
-            .unwrap();
         let params = SamplingParams {
             temperature: 0.9,
             seed: Some(*seed),
             ..SamplingParams::default()
         };
-        let stops = StopConditions {
-            max_tokens: 12,
-            stop: vec![],
-            eos_ids: model.tokenizer.eos_ids.clone(),
-            context: model.model.max_context(),
-        };
-        let direct = generate_batch_adapted(
-            &model.model,
-            &model.tokenizer,
-            adapter.as_ref(),
-            vec![(ids, params, stops)],
-            |_, _| {},
-        )
-        .unwrap();
-        assert_eq!(*text, direct[0].text, "{fingerprint}, seed {seed}");
+        let direct = direct_chat(model, adapter.as_ref(), prompt, params, 12);
+        assert_eq!(*text, direct, "{fingerprint}, seed {seed}");
     }
     assert!(
         by_generation.len() >= 2,

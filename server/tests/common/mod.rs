@@ -81,13 +81,7 @@ pub fn post_text(s: &TestServer, path: &str, body: &str) -> (u16, String) {
 /// POSTs a JSON body; answers the status and the body as JSON (or as a JSON
 /// string when it is not JSON).
 pub fn post_json(s: &TestServer, path: &str, body: &str) -> (u16, serde_json::Value) {
-    let mut r = agent()
-        .post(&format!("{}{path}", s.base()))
-        .header("content-type", "application/json")
-        .send(body)
-        .unwrap();
-    let status = r.status().as_u16();
-    let text = r.body_mut().read_to_string().unwrap();
+    let (status, text) = post_text(s, path, body);
     (status, parse(text))
 }
 
@@ -100,4 +94,35 @@ pub fn get_json(s: &TestServer, path: &str) -> (u16, serde_json::Value) {
 
 fn parse(text: String) -> serde_json::Value {
     serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))
+}
+
+/// What `model` generates for one user message with `adapter` applied,
+/// outside the server: the reference a served response must equal.
+pub fn direct_chat(
+    model: &LoadedModel,
+    adapter: Option<&attune_models::LoraAdapter>,
+    user: &str,
+    params: attune_models::SamplingParams,
+    max_tokens: usize,
+) -> String {
+    let text = model
+        .template
+        .render(&[attune_models::ChatMessage::new("user", user)], true)
+        .unwrap();
+    let ids = model.tokenizer.encode(&text).unwrap();
+    let stops = attune_models::StopConditions {
+        max_tokens,
+        stop: vec![],
+        eos_ids: model.tokenizer.eos_ids.clone(),
+        context: model.model.max_context(),
+    };
+    let out = attune_models::generate_batch_adapted(
+        &model.model,
+        &model.tokenizer,
+        adapter,
+        vec![(ids, params, stops)],
+        |_, _| {},
+    )
+    .unwrap();
+    out.into_iter().next().unwrap().text
 }
